@@ -1,0 +1,46 @@
+"""alphasteer_lens: refusal steering research on TransformerLens.
+
+Cache residual activations, find refusal directions, build null-space projectors, fit AlphaSteer,
+steer generation through hook points, and look at what happens.
+"""
+
+from alphasteer_lens.activations import Activations, cache_activations
+from alphasteer_lens.alphasteer import AlphaSteer
+from alphasteer_lens.artifacts import load_steering, save_steering
+from alphasteer_lens.chat import encode_chat, format_chat
+from alphasteer_lens.directions import diff_in_means, refused_minus_complied
+from alphasteer_lens.generation import generate, next_token_logits
+from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
+from alphasteer_lens.models import HookedModel, load_model
+from alphasteer_lens.nullspace import NullSpace, benign_leakage, null_space
+from alphasteer_lens.prompts import PromptSet, load_prompts
+from alphasteer_lens.steering import ActAdd, DirectionalAblation, steer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActAdd",
+    "Activations",
+    "AlphaSteer",
+    "DirectionalAblation",
+    "HookedModel",
+    "KeywordJudge",
+    "NullSpace",
+    "PromptSet",
+    "RefusalTokens",
+    "benign_leakage",
+    "cache_activations",
+    "diff_in_means",
+    "encode_chat",
+    "format_chat",
+    "generate",
+    "load_model",
+    "load_prompts",
+    "load_steering",
+    "next_token_logits",
+    "null_space",
+    "refusal_score",
+    "refused_minus_complied",
+    "save_steering",
+    "steer",
+]

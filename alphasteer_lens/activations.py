@@ -1,0 +1,273 @@
+"""Batched activation caching at hook points, with an on-disk cache keyed by content hashes.
+
+Activations are read at ``blocks.{l}.hook_resid_pre`` (any hook name works) for chat-formatted
+prompts, at the last prompt token by default. The forward pass stops after the last requested
+layer and never reaches the unembedding; prompts are batched by token length to keep padding
+small. Results equal Hugging Face's ``output_hidden_states`` for the same tokens, mask and
+position ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from alphasteer_lens.chat import encode_chat
+from alphasteer_lens.models import HookedModel, hook_names, model_name
+from alphasteer_lens.sources import cache_dir
+from alphasteer_lens.storage import atomic_save_safetensors, load_safetensors_checked
+
+Positions = Literal["last", "all", "mean"] | Sequence[int]
+RESID_PRE = "blocks.{layer}.hook_resid_pre"
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activations per hook name: ``[n, d]`` for "last"/"mean", ``[n, len(positions), d]`` for a
+    position list, ``[n, pos, d]`` (left-padded, see ``attention_mask``) for "all"."""
+
+    tensors: dict[str, Float[Tensor, "n ..."]]
+    positions: str | tuple[int, ...]
+    attention_mask: Tensor | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: int | str) -> Tensor:
+        if isinstance(key, int):
+            matches = [n for n in self.tensors if layer_of(n) == key]
+            if len(matches) != 1:
+                raise KeyError(f"layer {key} not cached (hooks: {sorted(self.tensors)})")
+            return self.tensors[matches[0]]
+        return self.tensors[key]
+
+    def by_layer(self) -> dict[int, Tensor]:
+        """``{layer: tensor}``; requires one hook per layer."""
+        return {layer_of(n): t for n, t in self.tensors.items()}
+
+    def __len__(self) -> int:
+        return int(next(iter(self.tensors.values())).shape[0])
+
+
+def layer_of(hook_name: str) -> int:
+    """The block index in a hook name such as ``blocks.12.hook_resid_pre``."""
+    m = _LAYER.match(hook_name)
+    if m is None:
+        raise ValueError(f"hook {hook_name!r} is not inside a block (expected 'blocks.L....')")
+    return int(m.group(1))
+
+
+def resolve_hooks(
+    model: HookedModel,
+    layers: Sequence[int] | None = None,
+    hooks: Sequence[str] | None = None,
+    template: str = RESID_PRE,
+) -> list[str]:
+    """Hook names for ``layers`` (or the given ``hooks``), checked against the model."""
+    n_layers = int(model.cfg.n_layers)
+    if hooks is None:
+        if layers is None:
+            layers = range(n_layers)
+        for layer in layers:
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise ValueError(f"layer must be an int, got {layer!r}")
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
+        hooks = [template.format(layer=layer) for layer in layers]
+    known = hook_names(model)
+    for name in hooks:
+        if known and name not in known:
+            close = sorted(n for n in known if n.endswith(name.rsplit(".", 1)[-1]))[:3]
+            raise ValueError(f"unknown hook name {name!r} (similar: {close})")
+    if len(set(hooks)) != len(hooks):
+        raise ValueError(f"duplicate hooks requested: {list(hooks)}")
+    return list(hooks)
+
+
+def _select(act: Tensor, mask: Tensor, positions: str | tuple[int, ...]) -> Tensor:
+    if positions == "last":
+        return act[:, -1]
+    if positions == "all":
+        return act
+    if positions == "mean":
+        m = mask.to(act.dtype).unsqueeze(-1)
+        return (act * m).sum(1) / m.sum(1)
+    assert isinstance(positions, tuple)
+    start = mask.shape[1] - mask.sum(1)  # first real token per row
+    idx = torch.stack(
+        [torch.where(torch.tensor(p) < 0, mask.shape[1] + p, start + p) for p in positions], dim=1
+    )
+    if (idx < start.unsqueeze(1)).any() or (idx >= mask.shape[1]).any():
+        raise ValueError(f"positions {positions} fall outside a prompt in this batch")
+    return act[torch.arange(act.shape[0]).unsqueeze(1), idx]
+
+
+def cache_key(
+    model: HookedModel, prompts: Sequence[str], hooks: Sequence[str], positions: Any, extra: str
+) -> str:
+    """Content hash of everything that determines the activations."""
+    h = hashlib.sha256()
+    n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
+    for part in (model_name(model), str(n_params), json.dumps(list(hooks)), str(positions), extra):
+        h.update(part.encode())
+        h.update(b"\0")
+    for p in prompts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p.encode())
+    return h.hexdigest()[:32]
+
+
+def _check_resources(n: int, width: int, d: int, n_hooks: int, target: Path | None) -> None:
+    need = n * width * d * n_hooks * 4
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = None
+    if avail is not None and need > avail:
+        raise MemoryError(
+            f"the requested activations need {need / 2**30:.1f} GiB but only "
+            f"{avail / 2**30:.1f} GiB of memory is free; ask for fewer layers, fewer positions "
+            "('last' instead of 'all') or fewer prompts"
+        )
+    if target is not None:
+        free = shutil.disk_usage(target).free
+        if need > free:
+            raise OSError(
+                f"the activation cache needs {need / 2**30:.1f} GiB on disk but {target} has "
+                f"{free / 2**30:.1f} GiB free; pass cache=False or free space"
+            )
+
+
+@torch.no_grad()
+def cache_activations(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    hooks: Sequence[str] | None = None,
+    positions: Positions = "last",
+    batch_size: int = 16,
+    system: str | None = None,
+    assistant_prefix: str = "",
+    cache: bool | str | Path = False,
+    progress: bool = True,
+    desc: str = "caching activations",
+) -> Activations:
+    """Run ``prompts`` through ``model`` and keep the activations at ``hooks``.
+
+    ``cache=True`` (or a directory) stores the result as safetensors under a key made of the
+    model, prompts, hooks, positions and formatting, so a changed prompt set never reuses stale
+    activations. Non-finite activations raise an error naming the hook and prompts.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompt set is empty: nothing to cache")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    names = resolve_hooks(model, layers, hooks)
+    pos: str | tuple[int, ...] = positions if isinstance(positions, str) else tuple(positions)
+    if isinstance(pos, str) and pos not in ("last", "all", "mean"):
+        raise ValueError(f"positions must be 'last', 'all', 'mean' or a list of ints, got {pos!r}")
+    if isinstance(pos, tuple) and not pos:
+        raise ValueError("positions list is empty")
+    extra = json.dumps([system, assistant_prefix])
+    path: Path | None = None
+    if cache is not False:
+        root = cache_dir() / "activations" if cache is True else Path(cache)
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"{cache_key(model, prompts, names, pos, extra)}.safetensors"
+        if path.exists():
+            tensors, meta = load_safetensors_checked(path)
+            mask = tensors.pop("__attention_mask__", None)
+            return Activations(tensors, pos, mask, meta)
+    stop = max(layer_of(n) for n in names) + 1
+    lengths = [len(p) for p in prompts]  # characters: a cheap proxy for token length
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    d_model = int(model.cfg.d_model)
+    width = (
+        1
+        if pos in ("last", "mean")
+        else (len(pos) if isinstance(pos, tuple) else 64 + max(lengths) // 3)
+    )
+    _check_resources(len(prompts), width, d_model, len(names), path.parent if path else None)
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    masks: list[Tensor] = []
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch_idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        batch = encode_chat(
+            model,
+            [prompts[i] for i in batch_idx],
+            system=system,
+            assistant_prefix=assistant_prefix,
+        ).to(model.cfg.device)
+        grabbed: dict[str, Tensor] = {}
+        grab = partial(_grab, store=grabbed, mask=batch.attention_mask, positions=pos)
+        model.run_with_hooks(
+            batch.tokens,
+            attention_mask=batch.attention_mask,
+            fwd_hooks=[(n, partial(grab, name=n)) for n in names],
+            stop_at_layer=stop if stop < int(model.cfg.n_layers) else None,
+            return_type=None,
+        )
+        for n in names:
+            out[n].append(grabbed[n])
+        if pos == "all":
+            masks.append(batch.attention_mask.cpu())
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    mask_all: Tensor | None = None
+    if pos == "all":
+        width_all = max(m.shape[1] for m in masks)
+        mask_all = torch.cat([_left_pad(m, width_all) for m in masks])[inverse]
+        tensors = {n: torch.cat([_left_pad(t, width_all) for t in out[n]])[inverse] for n in names}
+    else:
+        tensors = {n: torch.cat(out[n])[inverse] for n in names}
+    for n, t in tensors.items():
+        bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(1)
+        if bad.any():
+            rows = bad.nonzero().flatten().tolist()[:5]
+            raise ValueError(f"activations at {n} contain NaN or inf (prompts {rows})")
+    meta = {"model": model_name(model), "hooks": json.dumps(names), "positions": str(pos)}
+    if path is not None:
+        to_save = dict(tensors)
+        if mask_all is not None:
+            to_save["__attention_mask__"] = mask_all
+        atomic_save_safetensors(to_save, path, meta)
+    return Activations(tensors, pos, mask_all, meta)
+
+
+def _grab(
+    act: Tensor,
+    hook: Any,
+    *,
+    name: str,
+    store: dict[str, Tensor],
+    mask: Tensor,
+    positions: str | tuple[int, ...],
+) -> Tensor:
+    """Hook: keep the selected positions of ``act`` (on the CPU, float32) under ``name``."""
+    store[name] = _select(act, mask, positions).detach().float().cpu()
+    return act
+
+
+def _left_pad(t: Tensor, width: int) -> Tensor:
+    pad = width - t.shape[1]
+    if pad == 0:
+        return t
+    shape = (t.shape[0], pad, *t.shape[2:])
+    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=1)

@@ -1,0 +1,130 @@
+"""Chat templating and left-padded batch encoding.
+
+The chat template string already holds the special tokens, so it is tokenised without adding
+more. Batches are left-padded with an attention mask, which puts every prompt's last token at
+position ``-1``: the position AlphaSteer reads and the position generation continues from.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ChatBatch:
+    """A left-padded batch of chat-formatted prompts.
+
+    ``instruction_end[i]`` is the position (in padded coordinates) of the last token of prompt
+    ``i``'s user content; the tokens after it are the template's assistant header.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    instruction_end: Int[Tensor, " batch"]
+    texts: tuple[str, ...]
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def to(self, device: torch.device | str) -> ChatBatch:
+        return ChatBatch(
+            self.tokens.to(device),
+            self.attention_mask.to(device),
+            self.instruction_end.to(device),
+            self.texts,
+        )
+
+
+def format_chat(
+    tokenizer: Any,
+    prompt: str,
+    *,
+    system: str | None = None,
+    assistant_prefix: str = "",
+    template: str | None = None,
+) -> str:
+    """One user turn as the model's chat template renders it, ready for the assistant's reply.
+
+    ``template`` (a string with a ``{prompt}`` slot) replaces the tokenizer's chat template, for
+    base models that have none. ``assistant_prefix`` is appended after the assistant header
+    (SCANS uses " Sure").
+    """
+    if template is not None:
+        if "{prompt}" not in template:
+            raise ValueError("chat template string must contain a '{prompt}' slot")
+        return template.replace("{prompt}", prompt) + assistant_prefix
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template; set tokenizer.chat_template, or pass "
+            "template='...{prompt}...' for a base model"
+        )
+    messages = [{"role": "user", "content": prompt}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return str(text) + assistant_prefix
+
+
+def _suffix_tokens(tokenizer: Any, text: str, prompt: str) -> int:
+    """How many tokens of ``text`` come after the user's ``prompt`` (the assistant header)."""
+    end = text.rfind(prompt)
+    if end < 0:
+        return 0
+    suffix = text[end + len(prompt) :]
+    if not suffix:
+        return 0
+    return len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+
+
+def encode_chat(
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    assistant_prefix: str = "",
+    template: str | None = None,
+    max_tokens: int | None = None,
+) -> ChatBatch:
+    """Chat-format and tokenise ``prompts`` as one left-padded batch with an attention mask.
+
+    Prompts longer than the model's context (or ``max_tokens``) are refused with an error that
+    names the prompt: silently truncating a harmful request can change what it asks.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to encode")
+    tokenizer = model.tokenizer
+    texts = [
+        format_chat(
+            tokenizer, p, system=system, assistant_prefix=assistant_prefix, template=template
+        )
+        for p in prompts
+    ]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    limit = max_tokens or int(getattr(model.cfg, "n_ctx", 0) or 0)
+    for i, row in enumerate(ids):
+        if limit and len(row) > limit:
+            raise ValueError(
+                f"prompt {i} is {len(row)} tokens after chat formatting, longer than the "
+                f"limit of {limit}; shorten it or raise max_tokens"
+            )
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        warnings.warn("tokenizer has no pad token; padding with eos (masked out)", stacklevel=2)
+    width = max(len(r) for r in ids)
+    tokens = torch.full((len(ids), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    suffix = [_suffix_tokens(tokenizer, t, p) for t, p in zip(texts, prompts, strict=True)]
+    instruction_end = torch.tensor([width - 1 - s for s in suffix], dtype=torch.long)
+    return ChatBatch(tokens, mask, instruction_end, tuple(texts))

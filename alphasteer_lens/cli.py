@@ -1,0 +1,45 @@
+"""Command line: ``alphasteer-lens demo | fetch``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the artifact and reports.")] = Path(
+        "runs/demo"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed for the data splits.")] = 0,
+    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
+) -> None:
+    """AlphaSteer vs ActAdd vs vanilla on the embedded SmolLM2, end to end."""
+    from alphasteer_lens.demo import DemoConfig, run_demo
+
+    report = run_demo(out, DemoConfig.quick(seed) if quick else DemoConfig(seed=seed))
+    typer.echo((out / "summary.md").read_text())
+    typer.echo(f"wrote {out}/report.json in {report['seconds']:.0f} s")
+
+
+@app.command()
+def fetch() -> None:
+    """Fetch and verify the embedded model and the wheel-backed prompt sets (PyPI only)."""
+    from alphasteer_lens import prompts
+    from alphasteer_lens.models import embedded_model_dir
+
+    typer.echo(f"model: {embedded_model_dir()}")
+    for name, fn in [
+        ("harmbench", prompts.harmbench),
+        ("do_not_answer", prompts.do_not_answer),
+        ("mt_bench", prompts.mt_bench),
+    ]:
+        typer.echo(f"{name}: {len(fn())} prompts")
+
+
+if __name__ == "__main__":
+    app()

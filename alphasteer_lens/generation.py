@@ -1,0 +1,138 @@
+"""Batched greedy generation and first-token logits, optionally steered.
+
+Prompts are chat-formatted and left-padded per batch (sorted by length to keep padding small);
+results come back in the input order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from alphasteer_lens.chat import ChatBatch, encode_chat
+from alphasteer_lens.models import HookedModel
+from alphasteer_lens.steering import Positions, Steering, steer
+
+
+def _batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    if not prompts:
+        raise ValueError("prompt set is empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _steered(
+    model: HookedModel,
+    steering: Steering | None,
+    strength: float | Sequence[float],
+    batch: ChatBatch,
+    positions: Positions,
+    generated: bool,
+) -> Any:
+    if steering is None:
+        from contextlib import nullcontext
+
+        return nullcontext(model)
+    return steer(
+        model,
+        steering,
+        strength,
+        positions=positions,
+        generated=generated,
+        prompt_len=batch.prompt_len,
+        instruction_end=batch.instruction_end,
+    )
+
+
+def _mask_kwargs(model: HookedModel, batch: ChatBatch) -> dict[str, Any]:
+    """TransformerBridge.generate takes the attention mask; TL 3.x HookedTransformer.generate
+    derives it from the leading pad tokens when told the padding is on the left."""
+    if "attention_mask" in inspect.signature(model.generate).parameters:
+        return {"attention_mask": batch.attention_mask}
+    return {"padding_side": "left"}
+
+
+def _row_strength(strength: float | Sequence[float], idx: list[int]) -> float | list[float]:
+    if isinstance(strength, (int, float)):
+        return float(strength)
+    return [float(strength[i]) for i in idx]
+
+
+@torch.no_grad()
+def generate(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    steering: Steering | None = None,
+    strength: float | Sequence[float] = 1.0,
+    positions: Positions = "prompt",
+    generated: bool = False,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    use_kv_cache: bool = True,
+    system: str | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (chat-formatted), steered if ``steering`` is given.
+
+    ``strength`` may be one λ or one per prompt (SCANS steers each prompt by its own sign).
+    """
+    if not isinstance(strength, (int, float)) and len(strength) != len(prompts):
+        raise ValueError(f"{len(strength)} strengths for {len(prompts)} prompts")
+    out: list[str] = [""] * len(prompts)
+    tok = model.tokenizer
+    eos = tok.eos_token_id
+    for idx in tqdm(_batches(prompts, batch_size), desc=desc, disable=not progress, leave=False):
+        batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
+        with _steered(model, steering, _row_strength(strength, idx), batch, positions, generated):
+            tokens = model.generate(
+                batch.tokens,
+                **_mask_kwargs(model, batch),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_past_kv_cache=use_kv_cache,
+                stop_at_eos=True,
+                eos_token_id=eos,
+                return_type="tokens",
+                verbose=False,
+            )
+        for row, i in enumerate(idx):
+            new = tokens[row, batch.prompt_len :].tolist()
+            if eos is not None and eos in new:
+                new = new[: new.index(eos)]
+            out[i] = tok.decode(new, skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def next_token_logits(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    steering: Steering | None = None,
+    strength: float | Sequence[float] = 1.0,
+    positions: Positions = "prompt",
+    batch_size: int = 16,
+    system: str | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> Float[Tensor, "n d_vocab"]:
+    """Logits at the first generated position: one forward pass per prompt, no decoding."""
+    rows: list[Tensor] = [torch.empty(0)] * len(prompts)
+    for idx in tqdm(_batches(prompts, batch_size), desc=desc, disable=not progress, leave=False):
+        batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
+        with _steered(model, steering, _row_strength(strength, idx), batch, positions, False):
+            logits = model(batch.tokens, attention_mask=batch.attention_mask)
+        last = logits[:, -1].float().cpu()
+        for row, i in enumerate(idx):
+            rows[i] = last[row]
+    return torch.stack(rows)

