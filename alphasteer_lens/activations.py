@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -114,13 +115,47 @@ def _select(act: Tensor, mask: Tensor, positions: str | tuple[int, ...]) -> Tens
     return act[torch.arange(act.shape[0]).unsqueeze(1), idx]
 
 
+def _weights_fingerprint(model: HookedModel) -> str:
+    """Name, shape, dtype and exact float64 sum and sum of squares of every parameter: two models
+    of one architecture but different weights (another seed, a fine-tune) get different keys.
+    Parameters offloaded to the meta device count by name and shape only."""
+    h = hashlib.sha256()
+    named = model.named_parameters() if hasattr(model, "named_parameters") else []
+    for name, p in named:
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        if p.device.type != "meta" and p.numel():
+            x = p.detach().double()
+            h.update(f"{float(x.sum()).hex()}|{float((x * x).sum()).hex()}|".encode())
+    return h.hexdigest()
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Chat template, special token ids and vocabulary: what turns a prompt into token ids."""
+    h = hashlib.sha256()
+    specials = [
+        getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")
+    ]
+    h.update(f"{getattr(tokenizer, 'chat_template', None)}|{specials}|".encode())
+    if hasattr(tokenizer, "get_vocab"):
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()
+
+
 def cache_key(
     model: HookedModel, prompts: Sequence[str], hooks: Sequence[str], positions: Any, extra: str
 ) -> str:
-    """Content hash of everything that determines the activations."""
+    """Content hash of everything that determines the activations: the model's name, weights and
+    tokenizer, the prompts, hooks and positions, and ``extra`` (system prompt, assistant prefix)."""
     h = hashlib.sha256()
-    n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-    for part in (model_name(model), str(n_params), json.dumps(list(hooks)), str(positions), extra):
+    parts = (
+        model_name(model),
+        _weights_fingerprint(model),
+        _tokenizer_fingerprint(model.tokenizer),
+        json.dumps(list(hooks)),
+        str(positions),
+        extra,
+    )
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     for p in prompts:
@@ -129,12 +164,31 @@ def cache_key(
     return h.hexdigest()[:32]
 
 
-def _check_resources(n: int, width: int, d: int, n_hooks: int, target: Path | None) -> None:
-    need = n * width * d * n_hooks * 4
+def _free_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``, which counts
+    reclaimable page cache; else free pages), or None when unknown."""
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        avail = None
+        return None
+
+
+def _free_disk(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _check_resources(n: int, width: int, d: int, n_hooks: int, target: Path | None) -> None:
+    """Refuse, before any forward pass, a request whose float32 result would not fit in free
+    memory (or, with a disk cache, on that disk)."""
+    need = n * width * d * n_hooks * 4
+    avail = _free_memory()
     if avail is not None and need > avail:
         raise MemoryError(
             f"the requested activations need {need / 2**30:.1f} GiB but only "
@@ -142,12 +196,18 @@ def _check_resources(n: int, width: int, d: int, n_hooks: int, target: Path | No
             "('last' instead of 'all') or fewer prompts"
         )
     if target is not None:
-        free = shutil.disk_usage(target).free
+        free = _free_disk(target)
         if need > free:
             raise OSError(
                 f"the activation cache needs {need / 2**30:.1f} GiB on disk but {target} has "
                 f"{free / 2**30:.1f} GiB free; pass cache=False or free space"
             )
+
+
+def _attached_hooks(model: HookedModel) -> list[str]:
+    """Hook points that currently hold forward hooks (e.g. inside ``steer(...)``)."""
+    points = getattr(model, "hook_dict", {})
+    return sorted(n for n, hp in points.items() if getattr(hp, "fwd_hooks", None))
 
 
 @torch.no_grad()
@@ -180,6 +240,8 @@ def cache_activations(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = resolve_hooks(model, layers, hooks)
+    if not names:
+        raise ValueError("no layers or hooks requested: pass layers=[...] or hooks=[...]")
     pos: str | tuple[int, ...] = positions if isinstance(positions, str) else tuple(positions)
     if isinstance(pos, str) and pos not in ("last", "all", "mean"):
         raise ValueError(f"positions must be 'last', 'all', 'mean' or a list of ints, got {pos!r}")
@@ -187,14 +249,26 @@ def cache_activations(
         raise ValueError("positions list is empty")
     extra = json.dumps([system, assistant_prefix])
     path: Path | None = None
-    if cache is not False:
+    attached = _attached_hooks(model) if cache is not False else []
+    if attached:
+        warnings.warn(
+            f"hooks are attached to the model at {attached[:3]} (e.g. inside steer(...)); the "
+            "on-disk activation cache is skipped so that steered activations are never stored "
+            "or read under the key of unsteered ones",
+            stacklevel=2,
+        )
+    elif cache is not False:
         root = cache_dir() / "activations" if cache is True else Path(cache)
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"{cache_key(model, prompts, names, pos, extra)}.safetensors"
         if path.exists():
-            tensors, meta = load_safetensors_checked(path)
-            mask = tensors.pop("__attention_mask__", None)
-            return Activations(tensors, pos, mask, meta)
+            try:
+                tensors, meta = load_safetensors_checked(path)
+            except ValueError as err:
+                warnings.warn(f"recomputing an unreadable activation cache: {err}", stacklevel=2)
+            else:
+                mask = tensors.pop("__attention_mask__", None)
+                return Activations(tensors, pos, mask, meta)
     stop = max(layer_of(n) for n in names) + 1
     lengths = [len(p) for p in prompts]  # characters: a cheap proxy for token length
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
@@ -225,6 +299,7 @@ def cache_activations(
             return_type=None,
         )
         for n in names:
+            _check_finite(grabbed[n], n, [prompts[i] for i in batch_idx], batch_idx)
             out[n].append(grabbed[n])
         if pos == "all":
             masks.append(batch.attention_mask.cpu())
@@ -237,11 +312,6 @@ def cache_activations(
         tensors = {n: torch.cat([_left_pad(t, width_all) for t in out[n]])[inverse] for n in names}
     else:
         tensors = {n: torch.cat(out[n])[inverse] for n in names}
-    for n, t in tensors.items():
-        bad = ~torch.isfinite(t).reshape(t.shape[0], -1).all(1)
-        if bad.any():
-            rows = bad.nonzero().flatten().tolist()[:5]
-            raise ValueError(f"activations at {n} contain NaN or inf (prompts {rows})")
     meta = {"model": model_name(model), "hooks": json.dumps(names), "positions": str(pos)}
     if path is not None:
         to_save = dict(tensors)
@@ -249,6 +319,19 @@ def cache_activations(
             to_save["__attention_mask__"] = mask_all
         atomic_save_safetensors(to_save, path, meta)
     return Activations(tensors, pos, mask_all, meta)
+
+
+def _check_finite(t: Tensor, hook: str, texts: list[str], indices: list[int]) -> None:
+    """Stop at the first batch whose activations are not finite, naming hook and prompts."""
+    bad = (~torch.isfinite(t).reshape(t.shape[0], -1).all(1)).nonzero().flatten().tolist()
+    if bad:
+        rows = sorted(indices[r] for r in bad)
+        first = texts[bad[0]]
+        raise ValueError(
+            f"activations at {hook} contain NaN or inf for prompts {rows[:10]} (e.g. prompt "
+            f"{indices[bad[0]]}: {first[:60]!r}); check the dtype (float16 overflows), the "
+            "weights and any hooks attached to the model"
+        )
 
 
 def _grab(

@@ -95,11 +95,15 @@ def encode_chat(
 ) -> ChatBatch:
     """Chat-format and tokenise ``prompts`` as one left-padded batch with an attention mask.
 
-    Prompts longer than the model's context (or ``max_tokens``) are refused with an error that
-    names the prompt: silently truncating a harmful request can change what it asks.
+    Prompts longer than the model's context or ``max_tokens`` (the smaller) are refused with an
+    error that names the prompt (its index in this batch and its opening words): silently
+    truncating a harmful request can change what it asks.
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to encode")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
     tokenizer = model.tokenizer
     texts = [
         format_chat(
@@ -108,12 +112,16 @@ def encode_chat(
         for p in prompts
     ]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    limit = max_tokens or int(getattr(model.cfg, "n_ctx", 0) or 0)
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    limits = [x for x in (max_tokens, n_ctx) if x]
+    limit = min(limits) if limits else None
+    what = "the model's context (n_ctx)" if limit == n_ctx else "max_tokens"
     for i, row in enumerate(ids):
-        if limit and len(row) > limit:
+        if limit is not None and len(row) > limit:
             raise ValueError(
-                f"prompt {i} is {len(row)} tokens after chat formatting, longer than the "
-                f"limit of {limit}; shorten it or raise max_tokens"
+                f"prompt {i} ({prompts[i][:60]!r}) is {len(row)} tokens after chat formatting, "
+                f"longer than the limit of {limit} ({what}); it is refused rather than "
+                "silently truncated: shorten it"
             )
     pad_id = tokenizer.pad_token_id
     if pad_id is None:

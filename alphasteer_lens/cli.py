@@ -1,4 +1,4 @@
-"""Command line: ``alphasteer-lens demo | fetch``."""
+"""Command line: ``alphasteer-lens demo | figures | scans | audit | compare | fetch``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,58 @@ def demo(
     report = run_demo(out, DemoConfig.quick(seed) if quick else DemoConfig(seed=seed))
     typer.echo((out / "summary.md").read_text())
     typer.echo(f"wrote {out}/report.json in {report['seconds']:.0f} s")
+
+
+@app.command()
+def figures(
+    out: Annotated[Path, typer.Option(help="Directory for the figures.")] = Path("figures"),
+    seed: Annotated[int, typer.Option(help="Seed for data splits and PCA.")] = 0,
+    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
+) -> None:
+    """Regenerate every figure in figures/ (HTML + PNG) on the embedded SmolLM2."""
+    from alphasteer_lens.figures import make_figures
+
+    made = make_figures(out, seed=seed, quick=quick)
+    typer.echo(f"wrote {len(made)} figures to {out}")
+
+
+@app.command()
+def scans(
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/scans"),
+    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
+) -> None:
+    """SCANS over-refusal mitigation on the embedded SmolLM2."""
+    from alphasteer_lens.scans import run_scans
+
+    run_scans(out, quick=quick)
+    typer.echo(f"wrote {out}/report.json")
+
+
+@app.command()
+def audit(
+    vector: Annotated[
+        Path | None, typer.Option(help="Steering vector (.safetensors or GGUF control vector).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/audit"),
+    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
+) -> None:
+    """Safety audit of a steering vector (default: the built-in compliance and JSON vectors)."""
+    from alphasteer_lens.audit import run_audit
+
+    run_audit(out, vector_path=vector, quick=quick)
+    typer.echo(f"wrote {out}/report.json")
+
+
+@app.command()
+def compare(
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/compare"),
+    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
+) -> None:
+    """Vanilla, ActAdd, AlphaSteer (and SCANS) side by side at a strength grid."""
+    from alphasteer_lens.evaluation import run_compare
+
+    run_compare(out, quick=quick)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -44,13 +44,13 @@ class DemoConfig:
     direction: str = "diff_in_means"  # or "refused_minus_complied"
     ratio: float = 0.5
     alpha: float = 10.0
-    strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
-    max_benign_rise: float = 0.02  # allowed rise of benign first-token refusal (validation)
+    strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
+    max_benign_rise: float = 0.03  # allowed rise of benign first-token refusal (validation)
     val_fraction: float = 0.15
     label_tokens: int = 16
     max_new_tokens: int = 24
     batch_size: int = 32
-    n_val: int = 96  # cap on each validation set
+    n_val: int = 80  # cap on each validation set
     n_harmful_test: int | None = None
     n_benign_test: int | None = None
     n_harmful_train: int | None = None
@@ -60,7 +60,7 @@ class DemoConfig:
         """A few-minute smoke run: fewer prompts, fewer tokens, a shorter λ grid."""
         return cls(
             seed=seed,
-            strengths=(1.0, 2.0),
+            strengths=(0.5, 1.0),
             max_new_tokens=12,
             n_harmful_test=32,
             n_benign_test=32,
@@ -146,16 +146,16 @@ def _validation_sweep(
 
 
 def _choose(sweep: pd.DataFrame, cfg: DemoConfig) -> tuple[float, float]:
-    """AlphaSteer's λ: the highest harmful validation score whose benign first-token refusal
-    rises by at most ``max_benign_rise``. ActAdd's λ: the closest harmful score to that."""
+    """AlphaSteer's λ: the highest harmful first-token refusal on validation data among the
+    strengths whose benign first-token refusal rises by at most ``max_benign_rise`` (ties go to
+    the smaller λ). ActAdd's λ: the one whose harmful refusal comes closest to that."""
     base = sweep[sweep.method == "vanilla"].iloc[0]
-    a = sweep[sweep.method == "alphasteer"]
-    ok = a[a.benign_refusal <= base.benign_refusal + cfg.max_benign_rise]
-    best = (
-        (ok if len(ok) else a.sort_values("strength").head(1)).sort_values("harmful_score").iloc[-1]
-    )
-    b = sweep[sweep.method == "actadd"]
-    act = b.iloc[(b.harmful_score - best.harmful_score).abs().argmin()]
+    a = sweep[sweep.method == "alphasteer"].sort_values("strength")
+    ok = a[a.benign_refusal <= base.benign_refusal + cfg.max_benign_rise + 1e-9]
+    pool = ok if len(ok) else a.head(1)
+    best = pool.loc[pool.harmful_refusal.idxmax()]
+    b = sweep[sweep.method == "actadd"].sort_values("strength")
+    act = b.iloc[int((b.harmful_refusal - best.harmful_refusal).abs().to_numpy().argmin())]
     return float(best.strength), float(act.strength)
 
 

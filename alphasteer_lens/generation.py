@@ -23,6 +23,9 @@ from alphasteer_lens.steering import Positions, Steering, steer
 def _batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
     if not prompts:
         raise ValueError("prompt set is empty")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

