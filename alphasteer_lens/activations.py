@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alphasteer_lens.chat import encode_chat
+from alphasteer_lens.chat import check_prompts, encode_chat
 from alphasteer_lens.models import HookedModel, hook_names, model_name
 from alphasteer_lens.sources import cache_dir
 from alphasteer_lens.storage import atomic_save_safetensors, load_safetensors_checked
@@ -231,14 +231,7 @@ def cache_activations(
     model, prompts, hooks, positions and formatting, so a changed prompt set never reuses stale
     activations. Non-finite activations raise an error naming the hook and prompts.
     """
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompt set is empty: nothing to cache")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = check_prompts(prompts, batch_size)
     names = resolve_hooks(model, layers, hooks)
     if not names:
         raise ValueError("no layers or hooks requested: pass layers=[...] or hooks=[...]")

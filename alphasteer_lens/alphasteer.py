@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from alphasteer_lens.nullspace import NullSpace, benign_leakage, check_activations, null_space
+from alphasteer_lens.nullspace import NullSpace, check_activations, null_space
 
 
 def _check_alpha(alpha: float) -> None:
@@ -41,12 +41,15 @@ def _check_vector(v: Tensor, what: str, d_model: int) -> Tensor:
 
 
 def _ridge_solve(null: NullSpace, hm: Tensor, rhs: Tensor, alpha: float) -> Tensor:
-    """``(XᵀX + α I_k)⁻¹ Xᵀ rhs`` with ``X = Hm Q``, by Cholesky (the matrix is SPD for α > 0)."""
-    q = null.basis.to(hm.device)
-    x = hm @ q
-    gram = x.T @ x + alpha * torch.eye(null.k, dtype=torch.float64, device=hm.device)
-    chol = torch.linalg.cholesky(gram)
-    return torch.cholesky_solve(x.T @ rhs, chol)
+    """``(XᵀX + α I_k)⁻¹ Xᵀ rhs`` with ``X = Hm Q``, by Cholesky (SPD for α > 0). With fewer
+    malicious rows than null-space directions (n < k) the push-through identity
+    ``(XᵀX + α I_k)⁻¹ Xᵀ = Xᵀ (XXᵀ + α I_n)⁻¹`` makes it an n×n solve instead."""
+    x = hm @ null.basis.to(hm.device)
+    n, k = x.shape
+    eye = torch.eye(min(n, k), dtype=torch.float64, device=hm.device)
+    if n < k:
+        return x.T @ torch.cholesky_solve(rhs, torch.linalg.cholesky(x @ x.T + alpha * eye))
+    return torch.cholesky_solve(x.T @ rhs, torch.linalg.cholesky(x.T @ x + alpha * eye))
 
 
 def fit_steering_weights(
@@ -249,7 +252,7 @@ class AlphaSteer:
             ns = null_space(hb, ratio=ratio, tol=tol, allow_rank_deficient=allow_rank_deficient)
             ws.append(fit_steering_weights(ns, hm, alpha=alpha))
             rs.append(r.to(hm.device))
-            leaks.append(benign_leakage(hb, ns))
+            leaks.append(ns.leakage)
         return cls(
             layers=tuple(chosen),
             w=torch.stack(ws).to(torch.float32),

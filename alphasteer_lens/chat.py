@@ -84,6 +84,63 @@ def _suffix_tokens(tokenizer: Any, text: str, prompt: str) -> int:
     return len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
 
 
+def check_prompts(prompts: Sequence[str], batch_size: int) -> list[str]:
+    """The prompts as a list, after checking there is at least one, each is a ``str``, and
+    ``batch_size >= 1``: the errors every batched model call shares."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompt set is empty: nothing to run")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return prompts
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length (shortest first), each holding at most
+    ``batch_size`` rows and, when ``max_batch_tokens`` is given, at most that many padded tokens
+    (rows × longest row; a single longer row still gets a batch of its own). Left padding costs
+    compute on every padded position, so one long prompt should not pad thirty short ones."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        fits = (
+            last is not None
+            and len(last) < batch_size
+            and (max_batch_tokens is None or (len(last) + 1) * lengths[i] <= max_batch_tokens)
+        )
+        if fits and last is not None:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def chat_lengths(
+    model: Any, prompts: Sequence[str], *, system: str | None = None, assistant_prefix: str = ""
+) -> list[int]:
+    """Token count of each prompt after chat formatting (what :func:`encode_chat` pads to)."""
+    tok = model.tokenizer
+    return [
+        len(
+            tok(
+                format_chat(tok, p, system=system, assistant_prefix=assistant_prefix),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
+        for p in prompts
+    ]
+
+
 def encode_chat(
     model: Any,
     prompts: Sequence[str],

@@ -1,4 +1,4 @@
-"""Command line: ``alphasteer-lens demo | figures | scans | audit | compare | fetch``."""
+"""Command line: ``alphasteer-lens demo | figures | compare | fetch``."""
 
 from __future__ import annotations
 
@@ -37,33 +37,6 @@ def figures(
 
     made = make_figures(out, seed=seed, quick=quick)
     typer.echo(f"wrote {len(made)} figures to {out}")
-
-
-@app.command()
-def scans(
-    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/scans"),
-    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
-) -> None:
-    """SCANS over-refusal mitigation on the embedded SmolLM2."""
-    from alphasteer_lens.scans import run_scans
-
-    run_scans(out, quick=quick)
-    typer.echo(f"wrote {out}/report.json")
-
-
-@app.command()
-def audit(
-    vector: Annotated[
-        Path | None, typer.Option(help="Steering vector (.safetensors or GGUF control vector).")
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/audit"),
-    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
-) -> None:
-    """Safety audit of a steering vector (default: the built-in compliance and JSON vectors)."""
-    from alphasteer_lens.audit import run_audit
-
-    run_audit(out, vector_path=vector, quick=quick)
-    typer.echo(f"wrote {out}/report.json")
 
 
 @app.command()

@@ -159,15 +159,6 @@ def _choose(sweep: pd.DataFrame, cfg: DemoConfig) -> tuple[float, float]:
     return float(best.strength), float(act.strength)
 
 
-def _concat(name: str, *sets: P.PromptSet) -> P.PromptSet:
-    return P.PromptSet(
-        name,
-        tuple(p for s in sets for p in s),
-        " + ".join(s.source for s in sets),
-        " + ".join(s.license for s in sets),
-    )
-
-
 def _refusal_direction(
     model: HookedModel,
     cfg: DemoConfig,
@@ -217,8 +208,8 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> di
         dna = dna.sample(cfg.n_harmful_train, seed=cfg.seed)
     dna_train, dna_val = dna.split((1 - cfg.val_fraction, cfg.val_fraction), seed=cfg.seed)
     hb_train, hb_val, harmful_test = P.harmbench().split((0.4, 0.1, 0.5), seed=cfg.seed)
-    harmful_train = _concat("harmful_train", dna_train, hb_train)
-    harmful_val = _concat("harmful_val", dna_val, hb_val)
+    harmful_train = P.PromptSet.concat("harmful_train", dna_train, hb_train)
+    harmful_val = P.PromptSet.concat("harmful_val", dna_val, hb_val)
     benign_val = benign_val.sample(min(cfg.n_val, len(benign_val)), seed=cfg.seed)
     harmful_val = harmful_val.sample(min(cfg.n_val, len(harmful_val)), seed=cfg.seed)
     benign_test = P.mt_bench()
@@ -325,7 +316,7 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> di
         out / "alphasteer.safetensors",
         model=model,
         data_hashes=hashes,
-        extra={"strength": lam_a, "direction": "refused_minus_complied"},
+        extra={"strength": lam_a, "direction": cfg.direction},
     )
     report: dict[str, Any] = {
         "model": model_name(model),

@@ -51,6 +51,9 @@ from alphasteer_lens.viz import (
     tradeoff_figure,
 )
 
+TRADEOFF_XS = ("benign_kl", "benign_refusal", "benign_unchanged")
+TRADEOFF_YS = ("harmful_refusal", "harmful_score")
+
 
 @dataclass(frozen=True)
 class FigureSettings:
@@ -61,8 +64,8 @@ class FigureSettings:
     ratio: float = 0.5
     alpha: float = 10.0
     view_layer: int = 18
-    pca_strength: float = 1.0
-    pca_strengths: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
+    pca_strength: float = 0.5
+    pca_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     n_benign_fit: int = 640  # AlphaSteer needs more benign rows than d_model (576)
     n_malicious_fit: int = 300
     n_pca: int = 64
@@ -70,9 +73,9 @@ class FigureSettings:
     generation_layers: tuple[int, ...] = tuple(range(0, 30, 3))
     sweep_strength: float = 4.0
     n_sweep_eval: int = 24
-    tradeoff_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)
+    tradeoff_strengths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     ratios: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    ratio_strength: float = 1.0
+    ratio_strength: float = 0.6
     n_tradeoff: int = 32
     max_new_tokens: int = 16
     batch_size: int = 32
@@ -82,13 +85,13 @@ class FigureSettings:
         """A few-minute run with the same figures on fewer prompts, layers and strengths."""
         return cls(
             seed=seed,
-            pca_strengths=(0.0, 1.0, 2.0),
+            pca_strengths=(0.0, 0.5, 1.0),
             n_malicious_fit=96,
             n_pca=24,
             sweep_layers=tuple(range(0, 30, 4)),
             generation_layers=(8, 16, 24),
             n_sweep_eval=12,
-            tradeoff_strengths=(0.0, 1.0, 2.0),
+            tradeoff_strengths=(0.0, 0.4, 0.8),
             ratios=(0.3, 0.5, 0.7),
             n_tradeoff=12,
             max_new_tokens=8,
@@ -102,15 +105,6 @@ class _Data:
     malicious_fit: P.PromptSet
     harmful_eval: P.PromptSet
     utility_eval: P.PromptSet
-
-
-def _concat(name: str, *sets: P.PromptSet) -> P.PromptSet:
-    return P.PromptSet(
-        name,
-        tuple(p for s in sets for p in s),
-        " + ".join(s.source for s in sets),
-        " + ".join(s.license for s in sets),
-    )
 
 
 def _sample(ps: P.PromptSet, n: int, seed: int) -> P.PromptSet:
@@ -127,7 +121,7 @@ def _data(cfg: FigureSettings) -> _Data:
     return _Data(
         benign_fit=_sample(benign_fit, cfg.n_benign_fit, cfg.seed),
         benign_eval=benign_eval,
-        malicious_fit=_concat("malicious_fit", _sample(dna, n_dna, cfg.seed), hb_fit),
+        malicious_fit=P.PromptSet.concat("malicious_fit", _sample(dna, n_dna, cfg.seed), hb_fit),
         harmful_eval=hb_eval,
         utility_eval=P.mt_bench(),
     )
@@ -267,15 +261,14 @@ def make_figures(
     )
     ratios.insert(1, "mode", "generation")
     frames["tradeoff_strength"], frames["tradeoff_ratio"] = tradeoff, ratios
-    figs["tradeoff_strength"] = tradeoff_figure(
-        tradeoff, xs=("benign_kl", "benign_refusal", "benign_unchanged")
-    )
+    figs["tradeoff_strength"] = tradeoff_figure(tradeoff, xs=TRADEOFF_XS, ys=TRADEOFF_YS)
     figs["tradeoff_ratio"] = tradeoff_figure(
         ratios,
-        xs=("benign_kl", "benign_refusal", "benign_unchanged"),
+        xs=TRADEOFF_XS,
+        ys=TRADEOFF_YS,
         param="ratio",
-        title=f"AlphaSteer over the null-space ratio k/d (λ = {cfg.ratio_strength:g}, "
-        "generation mode: keyword judge on greedy answers)",
+        title=f"AlphaSteer over the null-space ratio k/d (λ = {cfg.ratio_strength:g})"
+        "<br><sup>generation mode: keyword judge on greedy answers</sup>",
     )
     frames["vocab_projection"] = vocab_projection(
         model, {layer: refusal[layer] for layer in cfg.layers}, k=10
@@ -312,6 +305,7 @@ def make_figures(
         "quick": quick,
         "model": model_name(model),
         "torch": torch.__version__.split("+")[0],
+        "torch_threads": torch.get_num_threads(),
         "data": {
             name: {"size": len(ps), "hash": ps.content_hash(), "source": ps.source}
             for name, ps in _roles(data).items()

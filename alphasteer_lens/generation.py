@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -15,21 +16,41 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alphasteer_lens.chat import ChatBatch, encode_chat
-from alphasteer_lens.models import HookedModel
+from alphasteer_lens.chat import (
+    ChatBatch,
+    chat_lengths,
+    check_prompts,
+    encode_chat,
+    length_batches,
+)
+from alphasteer_lens.models import HookedModel, hook_names
 from alphasteer_lens.steering import Positions, Steering, steer
 
+MAX_BATCH_TOKENS = 8192  # padded tokens per batch (rows × longest prompt)
 
-def _batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
-    if not prompts:
-        raise ValueError("prompt set is empty")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+def _batches(
+    model: HookedModel, prompts: Sequence[str], batch_size: int, system: str | None
+) -> list[list[int]]:
+    prompts = check_prompts(prompts, batch_size)
+    lengths = chat_lengths(model, prompts, system=system)
+    return length_batches(lengths, batch_size, MAX_BATCH_TOKENS)
+
+
+def _keep_last(act: Tensor, hook: Any) -> Tensor:
+    return act[:, -1:]
+
+
+def last_position_logits(model: HookedModel) -> Any:
+    """Context in which the model unembeds only the last position (``[batch, 1, d_vocab]``
+    logits): a hook slices the final residual stream before the unembedding. Generation and
+    next-token scoring read only ``logits[:, -1]``, and the full-vocabulary product at every
+    prompt position is the largest single cost of a long prefill."""
+    names = hook_names(model)
+    for name in ("unembed.hook_in", "ln_final.hook_normalized"):
+        if name in names:
+            return model.hooks(fwd_hooks=[(name, _keep_last)])
+    return nullcontext(model)
 
 
 def _steered(
@@ -41,8 +62,6 @@ def _steered(
     generated: bool,
 ) -> Any:
     if steering is None:
-        from contextlib import nullcontext
-
         return nullcontext(model)
     return steer(
         model,
@@ -94,9 +113,14 @@ def generate(
     out: list[str] = [""] * len(prompts)
     tok = model.tokenizer
     eos = tok.eos_token_id
-    for idx in tqdm(_batches(prompts, batch_size), desc=desc, disable=not progress, leave=False):
+    batches = _batches(model, prompts, batch_size, system)
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
-        with _steered(model, steering, _row_strength(strength, idx), batch, positions, generated):
+        with ExitStack() as stack:
+            stack.enter_context(last_position_logits(model))
+            stack.enter_context(
+                _steered(model, steering, _row_strength(strength, idx), batch, positions, generated)
+            )
             tokens = model.generate(
                 batch.tokens,
                 **_mask_kwargs(model, batch),
@@ -131,9 +155,14 @@ def next_token_logits(
 ) -> Float[Tensor, "n d_vocab"]:
     """Logits at the first generated position: one forward pass per prompt, no decoding."""
     rows: list[Tensor] = [torch.empty(0)] * len(prompts)
-    for idx in tqdm(_batches(prompts, batch_size), desc=desc, disable=not progress, leave=False):
+    batches = _batches(model, prompts, batch_size, system)
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
-        with _steered(model, steering, _row_strength(strength, idx), batch, positions, False):
+        with ExitStack() as stack:
+            stack.enter_context(last_position_logits(model))
+            stack.enter_context(
+                _steered(model, steering, _row_strength(strength, idx), batch, positions, False)
+            )
             logits = model(batch.tokens, attention_mask=batch.attention_mask)
         last = logits[:, -1].float().cpu()
         for row, i in enumerate(idx):

@@ -138,6 +138,18 @@ class PromptSet:
             for nm, size, end in zip(names, sizes, ends, strict=True)
         )
 
+    @classmethod
+    def concat(cls, name: str, *sets: PromptSet) -> PromptSet:
+        """One set holding the prompts of ``sets`` in order; sources and licenses joined."""
+        if not sets:
+            raise ValueError(f"prompt set {name!r}: nothing to concatenate")
+        return cls(
+            name,
+            tuple(p for s in sets for p in s),
+            " + ".join(s.source for s in sets),
+            " + ".join(s.license for s in sets),
+        )
+
     def wrap(self, template: str, *, name: str | None = None) -> PromptSet:
         """Put every prompt into ``template``'s ``{prompt}`` slot (e.g. a jailbreak wrapper).
 

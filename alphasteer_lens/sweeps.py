@@ -44,7 +44,10 @@ Mode = Literal["logit", "generation"]
 MODES: tuple[str, ...] = ("logit", "generation")
 
 
-def auroc(positive: Sequence[float] | Tensor, negative: Sequence[float] | Tensor) -> float:
+Scores = Sequence[float] | Tensor | np.ndarray
+
+
+def auroc(positive: Scores, negative: Scores) -> float:
     """Area under the ROC curve of scores separating ``positive`` from ``negative`` rows:
     ``AUROC = (Σ ranks of positives − n₊(n₊+1)/2) / (n₊ n₋)`` (Mann–Whitney U; ties count ½)."""
     pos = np.asarray(positive, dtype=np.float64).ravel()

@@ -42,7 +42,7 @@ LABELS = {
     "benign_refusal": "benign refusal rate",
     "harmful_score": "harmful refusal log-odds",
     "benign_kl": "benign first-token KL (nats)",
-    "benign_unchanged": "benign answers unchanged",
+    "benign_unchanged": "benign answers unchanged (fraction)",
     "benign_top1_unchanged": "benign first token unchanged",
     "strength": "λ",
     "ratio": "null-space ratio k/d",
@@ -437,69 +437,67 @@ def tradeoff_figure(
     sweep: pd.DataFrame,
     *,
     xs: Sequence[str] = ("benign_kl", "benign_refusal"),
-    y: str = "harmful_refusal",
+    ys: Sequence[str] = ("harmful_refusal",),
     param: str = "strength",
     title: str | None = None,
 ) -> go.Figure:
-    """Safety vs utility: ``y`` (harmful refusal) against each utility cost in ``xs`` (one panel
-    each), one curve per method ordered by ``param`` (λ or the null-space ratio), every marker
-    labelled with its ``param`` value. The star is the vanilla model (``sweep.attrs``).
-    Up and to the left is better."""
-    _need(sweep, ["method", param, y, *xs], "tradeoff_figure")
-    fig = make_subplots(
-        rows=1,
-        cols=len(xs),
-        horizontal_spacing=0.1,
-        subplot_titles=[f"{LABELS.get(y, y)} vs {LABELS.get(x, x)}" for x in xs],
-    )
+    """Safety vs utility: each safety measure in ``ys`` (rows) against each utility cost in
+    ``xs`` (columns), one curve per method ordered by ``param`` (λ or the null-space ratio),
+    every marker labelled with its ``param`` value. The star is the vanilla model
+    (``sweep.attrs["vanilla"]``). Higher is safer; lower KL / benign refusal and more benign
+    answers unchanged is more useful."""
+    _need(sweep, ["method", param, *ys, *xs], "tradeoff_figure")
+    fig = make_subplots(rows=len(ys), cols=len(xs), horizontal_spacing=0.08, vertical_spacing=0.12)
     colours = {"alphasteer": "#a50f15", "actadd": "#2171b5"}
     vanilla = sweep.attrs.get("vanilla", {})
     short = {"strength": "λ", "ratio": "r"}.get(param, param)
-    for j, x in enumerate(xs):
-        for method in dict.fromkeys(sweep.method):
-            part = sweep[sweep.method == method].sort_values(param)
-            fig.add_trace(
-                go.Scatter(
-                    x=part[x],
-                    y=part[y],
-                    mode="lines+markers+text",
-                    text=[f"{short}={v:g}" for v in part[param]],
-                    textposition="top center",
-                    textfont={"size": 10},
-                    name=method_name(method),
-                    legendgroup=method,
-                    showlegend=j == 0,
-                    line={"color": colours.get(method, "#525252")},
-                ),
-                row=1,
-                col=j + 1,
-            )
-        if x in vanilla and y in vanilla:
-            fig.add_trace(
-                go.Scatter(
-                    x=[vanilla[x]],
-                    y=[vanilla[y]],
-                    mode="markers",
-                    marker={"symbol": "star", "size": 14, "color": "#252525"},
-                    name="vanilla",
-                    legendgroup="vanilla",
-                    showlegend=j == 0,
-                ),
-                row=1,
-                col=j + 1,
-            )
-        fig.update_xaxes(title_text=LABELS.get(x, x), row=1, col=j + 1)
-        fig.update_yaxes(title_text=LABELS.get(y, y), row=1, col=j + 1)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            first = i == 0 and j == 0
+            for method in dict.fromkeys(sweep.method):
+                part = sweep[sweep.method == method].sort_values(param)
+                fig.add_trace(
+                    go.Scatter(
+                        x=part[x],
+                        y=part[y],
+                        mode="lines+markers+text",
+                        text=[f"{short}={v:g}" for v in part[param]],
+                        textposition="top center",
+                        textfont={"size": 10},
+                        name=method_name(method),
+                        legendgroup=method,
+                        showlegend=first,
+                        line={"color": colours.get(method, "#525252")},
+                    ),
+                    row=i + 1,
+                    col=j + 1,
+                )
+            if x in vanilla and y in vanilla:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[vanilla[x]],
+                        y=[vanilla[y]],
+                        mode="markers",
+                        marker={"symbol": "star", "size": 14, "color": "#252525"},
+                        name="vanilla",
+                        legendgroup="vanilla",
+                        showlegend=first,
+                    ),
+                    row=i + 1,
+                    col=j + 1,
+                )
+            fig.update_xaxes(title_text=LABELS.get(x, x), row=i + 1, col=j + 1)
+            fig.update_yaxes(title_text=LABELS.get(y, y) if j == 0 else None, row=i + 1, col=j + 1)
     mode = str(sweep["mode"].iloc[0]) if "mode" in sweep else None
-    note = f" ({MODE_NOTES[mode]})" if mode in MODE_NOTES else ""
+    note = f"<br><sup>{MODE_NOTES[mode]}</sup>" if mode in MODE_NOTES else ""
     fig.update_layout(
         title=title or f"Safety vs utility over {LABELS.get(param, param)}{note}",
         template=TEMPLATE,
         font=FONT,
-        width=520 * len(xs) + 80,
-        height=520,
-        legend={"orientation": "h", "yanchor": "top", "y": -0.16, "x": 0.0},
-        margin={"l": 80, "r": 20, "t": 90, "b": 110},
+        width=430 * len(xs) + 100,
+        height=400 * len(ys) + 170,
+        legend={"orientation": "h", "yanchor": "top", "y": -0.08 - 0.06 / len(ys), "x": 0.0},
+        margin={"l": 80, "r": 20, "t": 100, "b": 100},
     )
     return fig
 

@@ -67,6 +67,8 @@ def _separable(seed: int, sample: int, d: int = 48, s: int = 16, nb: int = 200, 
         (64, 80, 200, 0.6, 100.0),
         (128, 200, 80, 0.5, 10.0),
         (128, 160, 60, 0.3, 0.1),
+        (128, 200, 40, 0.5, 10.0),  # fewer malicious rows than k: the n×n push-through solve
+        (64, 100, 1, 0.5, 1.0),
     ],
 )
 def test_rank_one_fit_matches_dense_reference(

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from alphasteer_lens.activations import cache_activations, layer_of, resolve_hooks
-from alphasteer_lens.chat import encode_chat, format_chat
+from alphasteer_lens.chat import encode_chat, format_chat, length_batches
+from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.models import HookedModel, load_model
 
 PROMPTS = [
@@ -202,3 +203,56 @@ def test_smollm_cache_equals_hf(smollm) -> None:  # type: ignore[no-untyped-def]
     mask = batch.attention_mask.bool()
     for layer in (0, 10, 20):
         assert torch.equal(acts[layer][mask], hidden[layer][mask])
+
+
+@pytest.mark.parametrize(
+    "lengths,batch_size,budget,expected",
+    [
+        ([5, 1, 3, 2, 4], 2, None, [[1, 3], [2, 4], [0]]),  # shortest first, batch_size rows
+        ([10, 10, 10, 100, 10], 8, 40, [[0, 1, 2, 4], [3]]),  # the long one alone, over budget
+        ([3, 3, 3, 3], 8, 7, [[0, 1], [2, 3]]),  # 2 rows × 3 tokens fit in 7, 3 rows do not
+        ([], 4, 16, []),
+    ],
+)
+def test_length_batches(lengths, batch_size, budget, expected) -> None:  # type: ignore[no-untyped-def]
+    got = length_batches(lengths, batch_size, budget)
+    assert got == expected
+    assert sorted(i for b in got for i in b) == list(range(len(lengths)))
+
+
+def test_length_batches_errors() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        length_batches([1], 0)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        length_batches([1], 1, 0)
+
+
+def test_next_token_logits_and_greedy_tokens_equal_hf(tiny, hf_tiny) -> None:  # type: ignore[no-untyped-def]
+    """Unembedding only the last position (generation.last_position_logits) changes nothing:
+    next-token logits equal HF's full forward, and greedy tokens equal HF's own greedy loop."""
+    batch = encode_chat(tiny, PROMPTS)
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf_tiny(
+            input_ids=batch.tokens, attention_mask=batch.attention_mask, position_ids=pos
+        ).logits[:, -1]
+    ours = next_token_logits(tiny, PROMPTS, batch_size=len(PROMPTS), progress=False)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        hf_tokens = hf_tiny.generate(
+            batch.tokens, attention_mask=batch.attention_mask, max_new_tokens=6, do_sample=False,
+            eos_token_id=None, pad_token_id=tiny.tokenizer.pad_token_id,
+        )  # fmt: skip
+    eos = tiny.tokenizer.eos_token_id
+    texts = generate(tiny, PROMPTS, max_new_tokens=6, batch_size=len(PROMPTS), progress=False)
+    for row, text in zip(hf_tokens[:, batch.prompt_len :].tolist(), texts, strict=True):
+        row = row[: row.index(eos)] if eos in row else row
+        assert text == tiny.tokenizer.decode(row, skip_special_tokens=True)
+
+
+def test_hooked_transformer_next_token_logits(hooked_transformer) -> None:  # type: ignore[no-untyped-def]
+    """TL 3.x: the last-position slice sits at ln_final.hook_normalized; logits are unchanged."""
+    batch = encode_chat(hooked_transformer, PROMPTS)
+    ref = hooked_transformer(batch.tokens, attention_mask=batch.attention_mask)[:, -1]
+    ours = next_token_logits(hooked_transformer, PROMPTS, batch_size=4, progress=False)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alphasteer_lens.nullspace import NullSpace, benign_leakage, null_space
+from alphasteer_lens.nullspace import NullSpace, benign_leakage, gram_lower, null_space
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,6 +93,19 @@ def test_leakage_equals_eigenvalue_formula() -> None:
     assert benign_leakage(hb, ns) == pytest.approx(expected, rel=1e-9)
     dense = torch.linalg.matrix_norm(hb @ ns.projector()) / torch.linalg.matrix_norm(hb)
     assert benign_leakage(hb, ns) == pytest.approx(float(dense), rel=1e-9)
+    assert ns.leakage == pytest.approx(float(dense), rel=1e-9)  # from the eigenvalues alone
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gram_lower_triangle_equals_matmul(transposed: bool) -> None:
+    """The syrk Gram matrix's lower triangle is ``Hbᵀ Hb``, also for a non-contiguous input."""
+    hb = _randn(5, 17, 40).T if transposed else _randn(5, 40, 17)
+    got = gram_lower(hb)
+    full = hb.T @ hb
+    assert torch.allclose(torch.tril(got), torch.tril(full), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(
+        torch.linalg.eigvalsh(got, UPLO="L"), torch.linalg.eigvalsh(full), rtol=1e-10, atol=1e-9
+    )
 
 
 @settings(max_examples=25, deadline=None)

@@ -434,3 +434,13 @@ def test_real_wheel_prompt_sets() -> None:
     assert len(templates) >= 14 and all("{prompt}" in t for t in templates.values())
     assert all("{generator.name}" not in t for t in templates.values())
     assert len(P.past_tense()) > 100
+
+
+def test_concat_keeps_order_and_joins_metadata() -> None:
+    a = PromptSet("a", ("x", "y"), "src-a", "MIT")
+    b = PromptSet("b", ("z",), "src-b", "CC BY 4.0")
+    both = PromptSet.concat("both", a, b)
+    assert both.prompts == ("x", "y", "z") and both.name == "both"
+    assert both.source == "src-a + src-b" and both.license == "MIT + CC BY 4.0"
+    with pytest.raises(ValueError, match="nothing to concatenate"):
+        PromptSet.concat("none")

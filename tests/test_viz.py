@@ -207,6 +207,10 @@ def test_tradeoff_figure_labels_every_point() -> None:
     assert any(t.name == "vanilla" for t in fig.data)
     assert fig.layout.xaxis.title.text == viz.LABELS["benign_kl"]
     assert fig.layout.yaxis.title.text == viz.LABELS["harmful_refusal"]
+    grid = tradeoff_figure(_tradeoff(), ys=("harmful_refusal", "benign_refusal"))
+    (lower_left,) = [t for t in grid.data if t.name == "ActAdd" and t.xaxis == "x3"]
+    assert list(lower_left.y) == [0.0, 0.15, 0.3] and list(lower_left.x) == [0.0, 0.5, 1.0]
+    assert sum(t.showlegend is not False for t in grid.data) == 3  # two methods + vanilla
 
 
 def test_save_figure_html_is_deterministic(tmp_path: Path) -> None:
