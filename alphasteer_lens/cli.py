@@ -45,7 +45,7 @@ def compare(
     quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
 ) -> None:
     """Vanilla, ActAdd, AlphaSteer (and SCANS) side by side at a strength grid."""
-    from alphasteer_lens.evaluation import run_compare
+    from alphasteer_lens.comparison import run_compare
 
     run_compare(out, quick=quick)
     typer.echo(f"wrote {out}")

@@ -53,14 +53,16 @@ def last_position_logits(model: HookedModel) -> Any:
     return nullcontext(model)
 
 
-def _steered(
+def steering_context(
     model: HookedModel,
     steering: Steering | None,
     strength: float | Sequence[float],
     batch: ChatBatch,
-    positions: Positions,
-    generated: bool,
+    positions: Positions = "prompt",
+    generated: bool = False,
 ) -> Any:
+    """:func:`steer` set up for one encoded batch (its prompt length and instruction ends);
+    a no-op context for ``steering=None``."""
     if steering is None:
         return nullcontext(model)
     return steer(
@@ -111,33 +113,51 @@ def generate(
     if not isinstance(strength, (int, float)) and len(strength) != len(prompts):
         raise ValueError(f"{len(strength)} strengths for {len(prompts)} prompts")
     out: list[str] = [""] * len(prompts)
-    tok = model.tokenizer
-    eos = tok.eos_token_id
     batches = _batches(model, prompts, batch_size, system)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
-        with ExitStack() as stack:
-            stack.enter_context(last_position_logits(model))
-            stack.enter_context(
-                _steered(model, steering, _row_strength(strength, idx), batch, positions, generated)
-            )
-            tokens = model.generate(
-                batch.tokens,
-                **_mask_kwargs(model, batch),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_past_kv_cache=use_kv_cache,
-                stop_at_eos=True,
-                eos_token_id=eos,
-                return_type="tokens",
-                verbose=False,
-            )
-        for row, i in enumerate(idx):
-            new = tokens[row, batch.prompt_len :].tolist()
-            if eos is not None and eos in new:
-                new = new[: new.index(eos)]
-            out[i] = tok.decode(new, skip_special_tokens=True)
+        rows = greedy_batch(
+            model, batch, steering=steering, strength=_row_strength(strength, idx),
+            positions=positions, generated=generated, max_new_tokens=max_new_tokens,
+            use_kv_cache=use_kv_cache,
+        )  # fmt: skip
+        for row, i in zip(rows, idx, strict=True):
+            out[i] = model.tokenizer.decode(row, skip_special_tokens=True)
     return out
+
+
+@torch.no_grad()
+def greedy_batch(
+    model: HookedModel,
+    batch: ChatBatch,
+    *,
+    steering: Steering | None = None,
+    strength: float | Sequence[float] = 1.0,
+    positions: Positions = "prompt",
+    generated: bool = False,
+    max_new_tokens: int = 64,
+    use_kv_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy continuation token ids of one encoded batch, each cut before its first EOS."""
+    eos = model.tokenizer.eos_token_id
+    with ExitStack() as stack:
+        stack.enter_context(last_position_logits(model))
+        stack.enter_context(
+            steering_context(model, steering, strength, batch, positions, generated)
+        )
+        tokens = model.generate(
+            batch.tokens,
+            **_mask_kwargs(model, batch),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_past_kv_cache=use_kv_cache,
+            stop_at_eos=True,
+            eos_token_id=eos,
+            return_type="tokens",
+            verbose=False,
+        )
+    rows = tokens[:, batch.prompt_len :].tolist()
+    return [row[: row.index(eos)] if eos is not None and eos in row else row for row in rows]
 
 
 @torch.no_grad()
@@ -161,7 +181,7 @@ def next_token_logits(
         with ExitStack() as stack:
             stack.enter_context(last_position_logits(model))
             stack.enter_context(
-                _steered(model, steering, _row_strength(strength, idx), batch, positions, False)
+                steering_context(model, steering, _row_strength(strength, idx), batch, positions)
             )
             logits = model(batch.tokens, attention_mask=batch.attention_mask)
         last = logits[:, -1].float().cpu()

@@ -37,38 +37,12 @@ from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.directions import diff_in_means
 from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
+from alphasteer_lens.metrics import auroc, first_token_kl
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.steering import ActAdd, Steering, check_strength
 
 Mode = Literal["logit", "generation"]
 MODES: tuple[str, ...] = ("logit", "generation")
-
-
-Scores = Sequence[float] | Tensor | np.ndarray
-
-
-def auroc(positive: Scores, negative: Scores) -> float:
-    """Area under the ROC curve of scores separating ``positive`` from ``negative`` rows:
-    ``AUROC = (Σ ranks of positives − n₊(n₊+1)/2) / (n₊ n₋)`` (Mann–Whitney U; ties count ½)."""
-    pos = np.asarray(positive, dtype=np.float64).ravel()
-    neg = np.asarray(negative, dtype=np.float64).ravel()
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError(f"AUROC needs both classes: got {pos.size} positive, {neg.size} negative")
-    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
-        raise ValueError("AUROC scores contain NaN or inf")
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(scores.size, dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < scores.size:  # average ranks (1-based) over ties
-        j = i
-        while j + 1 < scores.size and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2
-    return float(u / (pos.size * neg.size))
 
 
 def projection_auroc(
@@ -82,21 +56,6 @@ def projection_auroc(
         raise ValueError("direction is the zero vector")
     r = r / r.norm()
     return auroc(harmful.double() @ r, harmless.double() @ r)
-
-
-def first_token_kl(
-    p_logits: Float[Tensor, "n d_vocab"], q_logits: Float[Tensor, "n d_vocab"]
-) -> Float[Tensor, " n"]:
-    """Per row ``KL(P ‖ Q) = Σ_v P(v) (log P(v) − log Q(v))`` of the softmax distributions
-    (float64, nats). ``P`` is the reference (vanilla), ``Q`` the steered model."""
-    if p_logits.shape != q_logits.shape or p_logits.ndim != 2:
-        raise ValueError(
-            f"logits must be two [n, d_vocab] tensors of one shape, got "
-            f"{tuple(p_logits.shape)} and {tuple(q_logits.shape)}"
-        )
-    log_p = torch.log_softmax(p_logits.double(), dim=-1)
-    log_q = torch.log_softmax(q_logits.double(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
 
 
 @dataclass(frozen=True)

@@ -12,27 +12,27 @@ import torch
 
 from alphasteer_lens import evaluation as ev
 from alphasteer_lens.chat import encode_chat
+from alphasteer_lens.comparison import best_tradeoff, tradeoff_table, write_report
 from alphasteer_lens.evaluation import (
     EvalSet,
     Method,
     ResultStore,
-    best_tradeoff,
     compare_methods,
-    exact_match,
-    extract_number,
     forced_logits,
     greedy_tokens,
+)
+from alphasteer_lens.generation import generate, next_token_logits
+from alphasteer_lens.metrics import (
+    exact_match,
+    extract_number,
+    first_token_kl,
     perplexity,
     refusal_rate,
     sequence_nll,
     token_kl,
-    tradeoff_table,
     unchanged_fraction,
-    write_report,
 )
-from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.steering import ActAdd
-from alphasteer_lens.sweeps import first_token_kl
 
 PROMPTS = ("Tell me a story.", "hi", "How do I bake bread at home?", "abc", "List three birds.")
 

@@ -16,11 +16,10 @@ from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.directions import diff_in_means
 from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.judges import KeywordJudge, refusal_score
+from alphasteer_lens.metrics import auroc, first_token_kl
 from alphasteer_lens.steering import ActAdd
 from alphasteer_lens.sweeps import (
     Evaluator,
-    auroc,
-    first_token_kl,
     layer_sweep,
     projection_auroc,
     rank_agreement,
