@@ -35,10 +35,10 @@ from alphasteer_lens.chat import format_chat
 from alphasteer_lens.directions import diff_in_means, unit
 from alphasteer_lens.generation import generate
 from alphasteer_lens.logit_lens import direction_logits
+from alphasteer_lens.metrics import Scores, auroc
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.steering import ActAdd
-from alphasteer_lens.sweeps import Scores, auroc
 
 RESID_POST = "blocks.{layer}.hook_resid_post"
 SEGMENT_NAMES = ("former", "middle", "latter")
