@@ -344,10 +344,21 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> di
         "timings": clock.steps,
     }
     report["seconds"] = round(time.perf_counter() - clock.start, 1)
+    report["peak_rss_mib"] = peak_rss_mib()
     atomic_write_json(report, out / "report.json")
     atomic_write_json(texts, out / "generations.json")
     atomic_write_bytes(summary_markdown(report).encode(), out / "summary.md")
     return report
+
+
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far (MiB), or None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(kib / 1024, 1)
 
 
 def markdown_table(df: pd.DataFrame) -> str:
@@ -391,7 +402,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
             markdown_table(df[cols]),
             "",
             f"Benign leakage ‖Hb P‖/‖Hb‖: {leak}.",
-            f"Total time: {report['seconds']:.0f} s.",
+            f"Total time: {report['seconds']:.0f} s; peak memory {report.get('peak_rss_mib')} MiB.",
             "",
         ]
     )

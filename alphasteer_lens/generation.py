@@ -24,7 +24,7 @@ from alphasteer_lens.chat import (
     length_batches,
 )
 from alphasteer_lens.models import HookedModel, hook_names
-from alphasteer_lens.steering import Positions, Steering, steer
+from alphasteer_lens.steering import AnySteering, Positions, steer
 
 MAX_BATCH_TOKENS = 8192  # padded tokens per batch (rows × longest prompt)
 
@@ -55,7 +55,7 @@ def last_position_logits(model: HookedModel) -> Any:
 
 def steering_context(
     model: HookedModel,
-    steering: Steering | None,
+    steering: AnySteering | None,
     strength: float | Sequence[float],
     batch: ChatBatch,
     positions: Positions = "prompt",
@@ -95,7 +95,7 @@ def generate(
     model: HookedModel,
     prompts: Sequence[str],
     *,
-    steering: Steering | None = None,
+    steering: AnySteering | None = None,
     strength: float | Sequence[float] = 1.0,
     positions: Positions = "prompt",
     generated: bool = False,
@@ -131,7 +131,7 @@ def greedy_batch(
     model: HookedModel,
     batch: ChatBatch,
     *,
-    steering: Steering | None = None,
+    steering: AnySteering | None = None,
     strength: float | Sequence[float] = 1.0,
     positions: Positions = "prompt",
     generated: bool = False,
@@ -165,7 +165,7 @@ def next_token_logits(
     model: HookedModel,
     prompts: Sequence[str],
     *,
-    steering: Steering | None = None,
+    steering: AnySteering | None = None,
     strength: float | Sequence[float] = 1.0,
     positions: Positions = "prompt",
     batch_size: int = 16,

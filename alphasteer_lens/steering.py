@@ -66,6 +66,30 @@ class DirectionalAblation:
 Steering = AlphaSteer | ActAdd | DirectionalAblation
 
 
+@dataclass(frozen=True)
+class Composition:
+    """Several steerings at once, ``parts[i] = (steering, λ_i)``: all their hooks are attached
+    (they add up where they share a hook point), and the strength they are applied with
+    multiplies every ``λ_i``. The audit steers a benign vector and AlphaSteer together this way.
+    """
+
+    parts: tuple[tuple[Steering, float], ...]
+
+    def __post_init__(self) -> None:
+        parts = tuple((s, check_strength(lam)) for s, lam in self.parts)
+        for s, _ in parts:
+            if not isinstance(s, AlphaSteer | ActAdd | DirectionalAblation):
+                raise ValueError(f"Composition parts must be steerings, got {type(s).__name__}")
+        object.__setattr__(self, "parts", parts)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for s, _ in self.parts for layer in s.layers}))
+
+
+AnySteering = Steering | Composition
+
+
 def _check_vectors(kind: str, layers: Sequence[int], vectors: Tensor) -> None:
     if vectors.ndim != 2 or vectors.shape[0] != len(layers):
         raise ValueError(
@@ -79,10 +103,13 @@ def _check_vectors(kind: str, layers: Sequence[int], vectors: Tensor) -> None:
 
 
 class _PassTracker:
-    """Tells, from the sequence length a hook sees, which absolute positions a pass covers.
+    """Tells, from the activations a hook sees, which absolute positions a pass covers.
 
-    A pass is a new prefill unless it continues the last one: one more position than before
-    (full re-run without a KV cache) or a single position (decode step with a KV cache).
+    A pass is a new prefill unless it continues the last one: a single position (decode step
+    with a KV cache), or one position more than before (full re-run without a KV cache). With
+    ``prompt_len`` pinned (as generation does) the length alone decides; without it, a pass one
+    position longer counts as a re-run only if its first positions equal the previous pass's
+    input, so consecutive batches that happen to differ in width by one are each a new prefill.
     """
 
     def __init__(self, prompt_len: int | None) -> None:
@@ -90,15 +117,32 @@ class _PassTracker:
         self.prompt_len = prompt_len or 0
         self.total = 0
         self.calls = 0
+        self.previous: Tensor | None = None  # last multi-position input, when not pinned
 
-    def start(self, n: int) -> int:
-        """Record a pass of ``n`` positions; return the absolute position of its first one."""
-        continues_full = self.calls > 0 and n == self.total + 1
+    def _reruns(self, act: Tensor) -> bool:
+        if self.calls == 0 or act.shape[1] != self.total + 1:
+            return False
+        if self.fixed_prompt_len is not None:
+            return True
+        prev = self.previous
+        return (
+            prev is not None
+            and prev.shape == act[:, : self.total].shape
+            and torch.allclose(act[:, : self.total], prev, rtol=1e-3, atol=1e-3)
+        )
+
+    def start(self, act: Tensor) -> int:
+        """Record a pass over ``act`` [batch, n, d]; return the absolute position of its first
+        position."""
+        n = int(act.shape[1])
         decode = self.calls > 0 and n == 1 and self.total >= self.prompt_len
+        continues_full = not decode and self._reruns(act)
         self.calls += 1
         if decode:
             self.total += 1
             return self.total - 1
+        if self.fixed_prompt_len is None:
+            self.previous = act.detach().clone()
         if not continues_full:
             self.prompt_len = self.fixed_prompt_len or n
         self.total = n
@@ -144,8 +188,14 @@ def check_strength(strength: float) -> float:
     return strength
 
 
+def _scaled(strength: float | Sequence[float], factor: float) -> float | list[float]:
+    if isinstance(strength, (int, float)):
+        return float(strength) * factor
+    return [float(x) * factor for x in strength]
+
+
 def steering_hooks(
-    steering: Steering,
+    steering: AnySteering,
     strength: float | Sequence[float] = 1.0,
     *,
     positions: Positions = "prompt",
@@ -159,6 +209,15 @@ def steering_hooks(
     ``strength`` is one λ, or one per batch row (SCANS' ±α). ``prompt_len`` pins the prompt
     length when a pass holds more than the prompt (e.g. prompt + reference answer).
     """
+    if isinstance(steering, Composition):
+        return [
+            hook
+            for part, lam_i in steering.parts
+            for hook in steering_hooks(
+                part, _scaled(strength, lam_i), positions=positions, generated=generated,
+                prompt_len=prompt_len, instruction_end=instruction_end, d_model=d_model,
+            )
+        ]  # fmt: skip
     if isinstance(strength, (int, float)):
         lam: Tensor = torch.tensor([check_strength(strength)])
     else:
@@ -186,7 +245,7 @@ def steering_hooks(
             coef: dict[str, Tensor] = coef,
         ) -> Tensor:
             batch, n = act.shape[0], act.shape[1]
-            offset = tracker.start(n)
+            offset = tracker.start(act)
             mask = _position_mask(
                 offset,
                 n,
@@ -219,7 +278,7 @@ def steering_hooks(
 @contextmanager
 def steer(
     model: HookedModel,
-    steering: Steering,
+    steering: AnySteering,
     strength: float | Sequence[float] = 1.0,
     *,
     positions: Positions = "prompt",
@@ -234,11 +293,6 @@ def steer(
             raise ValueError(
                 f"steering layer {layer} is out of range: the model has {n_layers} layers"
             )
-    known = hook_names(model)
-    for layer in steering.layers:
-        name = steering.hook_name(layer)
-        if known and name not in known:
-            raise ValueError(f"hook {name!r} does not exist on this model")
     hooks = steering_hooks(
         steering,
         strength,
@@ -248,5 +302,9 @@ def steer(
         instruction_end=instruction_end,
         d_model=int(model.cfg.d_model),
     )
+    known = hook_names(model)
+    for name, _ in hooks:
+        if known and name not in known:
+            raise ValueError(f"hook {name!r} does not exist on this model")
     with model.hooks(fwd_hooks=hooks):
         yield model

@@ -29,6 +29,7 @@ def main() -> None:
     report = json.loads(args.report.read_text())
     total = float(report["seconds"])
     print(f"demo wall time: {total:.0f} s ({report.get('data', {})})")
+    print(f"peak resident memory: {report.get('peak_rss_mib')} MiB")
     for step, secs in sorted(report["timings"].items(), key=lambda kv: -kv[1]):
         print(f"  {step:20s} {secs:8.1f} s  {100 * secs / total:5.1f}%")
 

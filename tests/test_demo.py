@@ -41,6 +41,7 @@ def test_demo_quick_end_to_end(tmp_path: Path, smollm) -> None:  # type: ignore[
     assert set(on_disk["benign_leakage"]) == {str(layer) for layer in on_disk["layers"]}
     assert all(0.0 <= v < 0.2 for v in on_disk["benign_leakage"].values())
     assert on_disk["seconds"] == report["seconds"] > 0
+    assert on_disk["peak_rss_mib"] > 100  # the model alone is ~540 MB in float32
     steering = load_steering(tmp_path / "alphasteer.safetensors", model=smollm)
     assert list(steering.layers) == on_disk["layers"]
     assert "| alphasteer |" in (tmp_path / "summary.md").read_text()

@@ -47,6 +47,23 @@ def test_no_cache_full_reruns_steer_only_prompt_positions() -> None:
         assert torch.equal(out[0, P:], torch.zeros(n - P, d))
 
 
+def test_consecutive_batches_one_wider_are_separate_prefills() -> None:
+    """Inside one steer(...) over several batches (as pca.py and cache_activations do), a batch
+    one position wider than the last is a new prompt, not a re-run: every position is steered
+    and AlphaSteer reads h_last at the new last position."""
+    d, P = 8, 5
+    ((_, fn),) = steering_hooks(ActAdd((0,), torch.ones(1, d)), 1.0)
+    fn(torch.zeros(2, P, d), _Hook())
+    other = torch.randn(2, P + 1, d, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fn(other, _Hook()), other + 1.0)
+    st = _alphasteer(d)
+    ((_, fa),) = steering_hooks(st, 1.0)
+    fa(torch.zeros(2, P, d), _Hook())
+    got = fa(other, _Hook())
+    coef = other[:, -1] @ st.w[0]
+    assert torch.allclose(got, other + coef.reshape(-1, 1, 1) * st.r[0], atol=1e-6)
+
+
 def test_generated_flag_steers_decode_steps() -> None:
     d, P = 4, 3
     ((_, fn),) = steering_hooks(ActAdd((0,), torch.ones(1, d)), 1.0, generated=True)
