@@ -1,4 +1,4 @@
-"""Command line: ``alphasteer-lens demo | figures | compare | fetch``."""
+"""Command line: ``alphasteer-lens demo | figures | scans | compare | fetch``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,23 @@ def figures(
 
 
 @app.command()
+def scans(
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/scans"),
+    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
+    sensitive: Annotated[
+        Path | None,
+        typer.Option(help="Benign-but-sensitive prompts (default: shared/data, else built-in)."),
+    ] = None,
+) -> None:
+    """SCANS (classify, then steer ±α) on the embedded SmolLM2, over-refusal side included."""
+    from alphasteer_lens.scans_pipeline import run_scans
+
+    report = run_scans(out, quick=quick, sensitive=sensitive)
+    typer.echo((out / "summary.md").read_text())
+    typer.echo(f"wrote {out}/report.json in {report['seconds']:.0f} s")
+
+
+@app.command()
 def compare(
     out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/compare"),
     quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
@@ -49,6 +66,24 @@ def compare(
 
     run_compare(out, quick=quick)
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def audit(
+    vector: Annotated[
+        Path | None,
+        typer.Option(help="Steering vector to audit (safetensors or GGUF control vector)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for the report.")] = Path("runs/audit"),
+    quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
+) -> None:
+    """Safety audit of a steering vector (default: the built-in compliance and JSON vectors)."""
+    from alphasteer_lens.audit import run_audit
+
+    report = run_audit(out, vector_path=vector, quick=quick)
+    for res in report["results"]:
+        typer.echo(res["verdict"])
+    typer.echo(f"wrote {out}/report.json in {report['seconds']:.0f} s")
 
 
 @app.command()

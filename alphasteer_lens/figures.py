@@ -68,16 +68,16 @@ class FigureSettings:
     pca_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     n_benign_fit: int = 640  # AlphaSteer needs more benign rows than d_model (576)
     n_malicious_fit: int = 300
-    n_pca: int = 64
+    n_pca: int = 48
     sweep_layers: tuple[int, ...] = tuple(range(30))
-    generation_layers: tuple[int, ...] = tuple(range(0, 30, 3))
+    generation_layers: tuple[int, ...] = (6, 10, 14, 18, 22, 26)
     sweep_strength: float = 4.0
-    n_sweep_eval: int = 24
-    tradeoff_strengths: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    ratios: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    ratio_strength: float = 0.6
-    n_tradeoff: int = 32
-    max_new_tokens: int = 16
+    n_sweep_eval: int = 16
+    tradeoff_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
+    ratio_strength: float = 0.5
+    n_tradeoff: int = 24
+    max_new_tokens: int = 12
     batch_size: int = 32
 
     @classmethod
