@@ -7,6 +7,7 @@ steer generation through hook points, and look at what happens.
 from alphasteer_lens.activations import Activations, cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.artifacts import load_steering, save_steering
+from alphasteer_lens.benign_vectors import compliance_vector, json_vector, load_vector
 from alphasteer_lens.chat import encode_chat, format_chat
 from alphasteer_lens.directions import diff_in_means, refused_minus_complied
 from alphasteer_lens.generation import generate, next_token_logits
@@ -14,7 +15,8 @@ from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import HookedModel, load_model
 from alphasteer_lens.nullspace import NullSpace, benign_leakage, null_space
 from alphasteer_lens.prompts import PromptSet, load_prompts
-from alphasteer_lens.steering import ActAdd, DirectionalAblation, steer
+from alphasteer_lens.scans import Scans
+from alphasteer_lens.steering import ActAdd, Composition, DirectionalAblation, steer
 
 __version__ = "0.1.0"
 
@@ -22,21 +24,26 @@ __all__ = [
     "ActAdd",
     "Activations",
     "AlphaSteer",
+    "Composition",
     "DirectionalAblation",
     "HookedModel",
     "KeywordJudge",
     "NullSpace",
     "PromptSet",
     "RefusalTokens",
+    "Scans",
     "benign_leakage",
     "cache_activations",
+    "compliance_vector",
     "diff_in_means",
     "encode_chat",
     "format_chat",
     "generate",
+    "json_vector",
     "load_model",
     "load_prompts",
     "load_steering",
+    "load_vector",
     "next_token_logits",
     "null_space",
     "refusal_score",
