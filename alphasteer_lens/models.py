@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,6 +58,30 @@ def _offline() -> bool:
     return (
         os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("ALPHASTEER_LENS_OFFLINE") == "1"
     )
+
+
+def kv_cache_mismatch(transformer_lens: str, transformers: str) -> bool:
+    """True where TransformerLens's bridge cannot use Hugging Face's KV cache.
+
+    transformers 5.24 renamed the cache argument and output field (``past_key_values`` ->
+    ``cache``). TransformerLens up to 4.3 still passes and reads the old name, so each cached
+    decoding step attends to itself alone: greedy output silently stops following the prompt.
+    """
+    from packaging.version import Version
+
+    return Version(transformers) >= Version("5.24") and Version(transformer_lens) < Version("4.4")
+
+
+def _warn_kv_cache() -> None:
+    tl, tf = version("transformer-lens"), version("transformers")
+    if kv_cache_mismatch(tl, tf):
+        warnings.warn(
+            f"transformer-lens {tl} cannot use transformers {tf}'s KV cache (renamed to `cache` in "
+            "5.24): cached generation ignores the prompt. Install 'transformers<5.24', or pass "
+            "use_kv_cache=False to generate().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def embedded_model_dir() -> Path:
@@ -152,6 +178,7 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    _warn_kv_cache()
     loaded_here = hf_model is None
     if hf_model is None:
         hf_model, tokenizer = load_hf(

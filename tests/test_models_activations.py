@@ -8,7 +8,7 @@ import torch
 from alphasteer_lens.activations import cache_activations, layer_of, resolve_hooks
 from alphasteer_lens.chat import encode_chat, format_chat, length_batches
 from alphasteer_lens.generation import generate, next_token_logits
-from alphasteer_lens.models import HookedModel, load_model
+from alphasteer_lens.models import HookedModel, kv_cache_mismatch, load_model
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -256,3 +256,15 @@ def test_hooked_transformer_next_token_logits(hooked_transformer) -> None:  # ty
     ref = hooked_transformer(batch.tokens, attention_mask=batch.attention_mask)[:, -1]
     ours = next_token_logits(hooked_transformer, PROMPTS, batch_size=4, progress=False)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kv_cache_mismatch_names_the_broken_pairs() -> None:
+    """transformers 5.24 renamed the KV cache argument; TL <= 4.3's bridge drops it."""
+    assert kv_cache_mismatch("4.3.0", "5.24.0")
+    assert kv_cache_mismatch("3.9.0", "5.30.1")
+    assert not kv_cache_mismatch("4.3.0", "5.23.0")
+    assert not kv_cache_mismatch("4.4.0", "5.24.0")
+    from importlib.metadata import version
+
+    installed = version("transformer-lens"), version("transformers")
+    assert not kv_cache_mismatch(*installed), f"installed pair {installed} breaks KV caching"
