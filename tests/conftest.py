@@ -4,7 +4,11 @@ SmolLM2 for the few end-to-end tests. Nothing here reaches a hub."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +16,52 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _loopback(address: Any) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX path
+        return True
+    host = str(address[0])
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name: resolving it already meant to leave the machine
+
+
+@pytest.fixture(autouse=True)
+def network_guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every test runs with non-loopback connections refused in this process, and fails if it
+    tried one (even one whose error was caught). The PyPI wheel fetch runs ``pip download`` in a
+    subprocess, which this does not patch: that is the one sanctioned network path."""
+    attempts: list[str] = []
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create_connection = socket.create_connection
+
+    def guard(address: Any) -> None:
+        if not _loopback(address):
+            attempts.append(repr(address))
+            raise ConnectionRefusedError(f"network access attempted in a test: {address}")
+
+    def connect(self: socket.socket, address: Any) -> None:
+        guard(address)
+        real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        guard(address)
+        return real_connect_ex(self, address)
+
+    def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        guard(address)
+        return real_create_connection(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    yield attempts
+    assert attempts == [], f"code tried to reach the network: {attempts}"
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

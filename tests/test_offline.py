@@ -3,10 +3,8 @@ whole tiny-model workflow runs, and what cannot work offline says how to get it.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,50 +22,12 @@ from alphasteer_lens.steering import ActAdd
 PROMPTS = ["Name a fruit.", "hi", "Why is the sky blue?"]
 
 
-def _loopback(address: Any) -> bool:
-    if not isinstance(address, tuple):  # AF_UNIX path
-        return True
-    host = str(address[0])
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return False  # a host name: resolving it already meant to leave the machine
-
-
 @pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """Refuse every non-loopback connection, and record the attempts: a code path that
-    catches the error and carries on is still caught by the test's final check."""
-    attempts: list[str] = []
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-    real_create_connection = socket.create_connection
-
-    def guard(address: Any) -> None:
-        if not _loopback(address):
-            attempts.append(repr(address))
-            raise ConnectionRefusedError(f"network access attempted in an offline test: {address}")
-
-    def connect(self: socket.socket, address: Any) -> None:
-        guard(address)
-        real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: Any) -> int:
-        guard(address)
-        return real_connect_ex(self, address)
-
-    def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
-        guard(address)
-        return real_create_connection(address, *args, **kwargs)
-
+def no_network(network_guard: list[str], monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """conftest's guard (on for every test), with the hub's offline switches set explicitly."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-    monkeypatch.setattr(socket, "create_connection", create_connection)
-    yield attempts
-    assert attempts == [], f"code tried to reach the network: {attempts}"
+    return network_guard
 
 
 def test_guard_blocks_and_records(no_network: list[str]) -> None:
