@@ -78,7 +78,7 @@ def audit(
     quick: Annotated[bool, typer.Option(help="Smaller sets, for a fast smoke run.")] = False,
 ) -> None:
     """Safety audit of a steering vector (default: the built-in compliance and JSON vectors)."""
-    from alphasteer_lens.audit import run_audit
+    from alphasteer_lens.audit_pipeline import run_audit
 
     report = run_audit(out, vector_path=vector, quick=quick)
     for res in report["results"]:

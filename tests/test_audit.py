@@ -171,7 +171,7 @@ def test_auditor_reuses_the_vanilla_run_and_checks_input(tiny) -> None:  # type:
 
 @pytest.mark.smollm
 def test_run_audit_quick_end_to_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from alphasteer_lens.audit import run_audit
+    from alphasteer_lens.audit_pipeline import run_audit
 
     torch.set_num_threads(1)
     report = run_audit(tmp_path, quick=True, progress=False)
