@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 FORMAT = "alphasteer_lens"
@@ -91,6 +91,10 @@ def _fsync_dir(directory: Path) -> None:
     os.close(fd)
 
 
+def _write(f: Any, data: bytes) -> None:
+    f.write(data)
+
+
 def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
     path = Path(path)
@@ -99,7 +103,7 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            _write(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -113,18 +117,15 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
-def _canonical_header(path: str | Path) -> None:
-    """Rewrite a safetensors file's JSON header in place with sorted keys and compact
-    separators, keeping its padded length so the tensor bytes do not move."""
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        new = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        data = new.encode()
-        if len(data) > n:  # same content re-encodes to the same length; if escaping ever
-            return  # differed, keep the (valid) file as safetensors wrote it
-        f.seek(8)
-        f.write(data + b" " * (n - len(data)))
+def _canonical_header(data: bytes) -> bytes:
+    """The safetensors bytes with the JSON header re-encoded with sorted keys and compact
+    separators, padded to its original length so the tensor bytes do not move."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    new = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(new) > n:  # same content re-encodes to the same length; if escaping ever
+        return data  # differed, keep the (valid) bytes as safetensors wrote them
+    return data[:8] + new + b" " * (n - len(new)) + data[8 + n :]
 
 
 def atomic_save_safetensors(
@@ -133,26 +134,16 @@ def atomic_save_safetensors(
     """Save tensors with string metadata (non-strings JSON-encoded) and a content hash.
 
     Atomic (temp file, fsync, rename) and byte-deterministic: equal tensors and metadata give
-    an identical file.
+    an identical file. The file is serialised in memory first (peak memory: twice the tensors)
+    and written through :func:`atomic_write_bytes`: safetensors' own ``save_file`` stages its
+    writes in a temporary file of its own naming, which a killed writer would leave behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta["format"] = FORMAT
     meta[CONTENT_HASH] = tensors_hash(tensors)
-    remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, meta)
-        _canonical_header(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta)
+    atomic_write_bytes(_canonical_header(data), path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -193,16 +193,13 @@ _WRITER = textwrap.dedent(
     path, ready, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     x = torch.arange(1 << 22, dtype=torch.float32)  # 16 MiB
     if mode == "stall":
-        real = storage.save_file
-
-        def half_then_stall(tensors, filename, metadata=None):
-            real(tensors, filename, metadata)
-            data = Path(filename).read_bytes()
-            Path(filename).write_bytes(data[: len(data) // 2])  # half written ...
+        def half_then_stall(f, data):
+            f.write(data[: len(data) // 2])  # half written ...
+            f.flush()
             ready.write_text("half")
             time.sleep(120)  # ... and killed here
 
-        storage.save_file = half_then_stall
+        storage._write = half_then_stall
         storage.atomic_save_safetensors({"x": x + 1}, path, {"run": "killed"})
     else:
         for i in range(10_000):
