@@ -16,7 +16,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +60,19 @@ class Activations:
 
     def __len__(self) -> int:
         return int(next(iter(self.tensors.values())).shape[0])
+
+    def select(self, rows: Sequence[int]) -> Activations:
+        """The activations of the prompts at ``rows`` (in that order), e.g. a length-matched
+        subset from :meth:`~alphasteer_lens.prompts.PromptSet.length_matched_indices`."""
+        n = len(self)
+        bad = [i for i in rows if not -n <= i < n]
+        if not rows or bad:
+            raise ValueError(f"rows must be a non-empty list of indices below {n}; bad: {bad[:5]}")
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        mask = None if self.attention_mask is None else self.attention_mask[idx]
+        return replace(
+            self, tensors={k: t[idx] for k, t in self.tensors.items()}, attention_mask=mask
+        )
 
 
 def layer_of(hook_name: str) -> int:

@@ -7,7 +7,8 @@ Data (all from pinned PyPI wheels or the package, so it runs on a fresh machine)
   alone do not transfer to HarmBench's imperative requests on this model, hence the share.
 
 Steps: cache last-token ``resid_pre`` activations; build the refusal direction (difference in
-means by default; refused − complied labels the harmful prompts by the model's own greedy
+means by default, against a length-matched subset of the benign train prompts; refused −
+complied labels the harmful prompts by the model's own greedy
 answers); fit AlphaSteer; choose λ on the validation sets with the cheap logit-level refusal
 score; pick ActAdd's λ to match AlphaSteer's harmful validation score; then generate greedily
 on the held-out test sets.
@@ -42,6 +43,7 @@ class DemoConfig:
     seed: int = 0
     layers: tuple[int, ...] = (14, 15, 16, 17, 18)
     direction: str = "diff_in_means"  # or "refused_minus_complied"
+    length_matched: bool = True  # diff_in_means: harmless side length-matched to the harmful
     ratio: float = 0.5
     alpha: float = 10.0
     strengths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.5)
@@ -164,12 +166,16 @@ def _refusal_direction(
     cfg: DemoConfig,
     benign: Activations,
     harmful: Activations,
+    benign_prompts: P.PromptSet,
     harmful_prompts: P.PromptSet,
     judge: KeywordJudge,
 ) -> tuple[dict[int, torch.Tensor], float | None]:
-    """Per layer, toward refusal: harmful − benign means, or refused − complied among the
+    """Per layer, toward refusal: harmful − benign means (the benign side length-matched to the
+    harmful prompts unless ``cfg.length_matched`` is off), or refused − complied among the
     harmful prompts as labelled by the model's own greedy answers."""
     if cfg.direction == "diff_in_means":
+        if cfg.length_matched:
+            benign = benign.select(benign_prompts.length_matched_indices(harmful_prompts))
         return {layer: diff_in_means(harmful[layer], benign[layer]) for layer in cfg.layers}, None
     if cfg.direction != "refused_minus_complied":
         raise ValueError(
@@ -236,7 +242,9 @@ def run_demo(out: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> di
     )
     clock.lap("cache_activations")
 
-    refusal, refused_fraction = _refusal_direction(model, cfg, acts_b, acts_h, harmful_train, judge)
+    refusal, refused_fraction = _refusal_direction(
+        model, cfg, acts_b, acts_h, benign_train, harmful_train, judge
+    )
     steer_a = AlphaSteer.fit(
         acts_b.by_layer(),
         acts_h.by_layer(),

