@@ -67,7 +67,9 @@ class Activations:
         n = len(self)
         bad = [i for i in rows if not -n <= i < n]
         if not rows or bad:
-            raise ValueError(f"rows must be a non-empty list of indices below {n}; bad: {bad[:5]}")
+            raise ValueError(
+                f"rows must be a non-empty list of indices in [-{n}, {n}); bad: {bad[:5]}"
+            )
         idx = torch.as_tensor(list(rows), dtype=torch.long)
         mask = None if self.attention_mask is None else self.attention_mask[idx]
         return replace(

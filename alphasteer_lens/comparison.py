@@ -173,6 +173,7 @@ class CompareConfig:
     ref_tokens: int = 48
     batch_size: int = 16
     max_benign_rise: float = 0.05
+    length_matched: bool = True  # direction's harmless side length-matched to the harmful
 
     @classmethod
     def quick(cls, seed: int = 0) -> CompareConfig:
@@ -243,7 +244,12 @@ def run_compare(
     kw: dict[str, Any] = {"layers": layers, "batch_size": cfg.batch_size, "cache": True}
     acts_b = cache_activations(model, list(benign_train), desc="benign activations", **kw)
     acts_h = cache_activations(model, harmful_train, desc="harmful activations", **kw)
-    r = {layer: diff_in_means(acts_h[layer], acts_b[layer]) for layer in layers}
+    acts_dir = (
+        acts_b.select(benign_train.length_matched_indices(harmful_train))
+        if cfg.length_matched
+        else acts_b
+    )
+    r = {layer: diff_in_means(acts_h[layer], acts_dir[layer]) for layer in layers}
     alphasteer = AlphaSteer.fit(
         acts_b.by_layer(), acts_h.by_layer(), r, layers=layers, ratio=cfg.ratio, alpha=cfg.alpha
     )

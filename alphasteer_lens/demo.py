@@ -8,10 +8,9 @@ Data (all from pinned PyPI wheels or the package, so it runs on a fresh machine)
 
 Steps: cache last-token ``resid_pre`` activations; build the refusal direction (difference in
 means by default, against a length-matched subset of the benign train prompts; refused −
-complied labels the harmful prompts by the model's own greedy
-answers); fit AlphaSteer; choose λ on the validation sets with the cheap logit-level refusal
-score; pick ActAdd's λ to match AlphaSteer's harmful validation score; then generate greedily
-on the held-out test sets.
+complied labels the harmful prompts by the model's own greedy answers); fit AlphaSteer; choose
+λ on the validation sets with the cheap logit-level refusal score; pick ActAdd's λ to match
+AlphaSteer's harmful validation score; then generate greedily on the held-out test sets.
 """
 
 from __future__ import annotations
