@@ -22,7 +22,7 @@ import re
 import socket
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +91,21 @@ def _fsync_dir(directory: Path) -> None:
     os.close(fd)
 
 
-def _write(f: Any, data: bytes) -> None:
-    f.write(data)
+def _write(f: Any, chunks: Sequence[bytes | memoryview]) -> None:
+    for chunk in chunks:
+        f.write(chunk)
 
 
-def atomic_write_bytes(data: bytes, path: str | Path) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync, then rename over ``path``."""
+def atomic_write_bytes(data: bytes | Sequence[bytes | memoryview], path: str | Path) -> None:
+    """Write ``data`` (bytes, or chunks written one after another) to a temp file beside
+    ``path``, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            _write(f, data)
+            _write(f, [data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -117,15 +119,16 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
-def _canonical_header(data: bytes) -> bytes:
-    """The safetensors bytes with the JSON header re-encoded with sorted keys and compact
-    separators, padded to its original length so the tensor bytes do not move."""
+def _canonical_header(data: bytes) -> list[bytes | memoryview]:
+    """The safetensors bytes as chunks, the JSON header re-encoded with sorted keys and compact
+    separators and padded to its original length, so the tensor bytes (a view, not a copy) do
+    not move."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     new = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     if len(new) > n:  # same content re-encodes to the same length; if escaping ever
-        return data  # differed, keep the (valid) bytes as safetensors wrote them
-    return data[:8] + new + b" " * (n - len(new)) + data[8 + n :]
+        return [data]  # differed, keep the (valid) bytes as safetensors wrote them
+    return [data[:8], new + b" " * (n - len(new)), memoryview(data)[8 + n :]]
 
 
 def atomic_save_safetensors(
@@ -134,9 +137,10 @@ def atomic_save_safetensors(
     """Save tensors with string metadata (non-strings JSON-encoded) and a content hash.
 
     Atomic (temp file, fsync, rename) and byte-deterministic: equal tensors and metadata give
-    an identical file. The file is serialised in memory first (peak memory: twice the tensors)
-    and written through :func:`atomic_write_bytes`: safetensors' own ``save_file`` stages its
-    writes in a temporary file of its own naming, which a killed writer would leave behind.
+    an identical file. The file is serialised in memory first (peak memory: the tensors plus
+    one serialised copy) and written through :func:`atomic_write_bytes`: safetensors' own
+    ``save_file`` stages its writes in a temporary file of its own naming, which a killed writer
+    would leave behind.
     """
     path = Path(path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}

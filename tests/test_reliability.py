@@ -193,7 +193,8 @@ _WRITER = textwrap.dedent(
     path, ready, mode = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     x = torch.arange(1 << 22, dtype=torch.float32)  # 16 MiB
     if mode == "stall":
-        def half_then_stall(f, data):
+        def half_then_stall(f, chunks):
+            data = b"".join(chunks)
             f.write(data[: len(data) // 2])  # half written ...
             f.flush()
             ready.write_text("half")
