@@ -15,56 +15,92 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alphasteer_lens.chat import check_prompts, encode_chat
+from alphasteer_lens.chat import _format, check_prompts, encode_chat
+from alphasteer_lens.formats import PromptFormat
+from alphasteer_lens.hookpoints import RESID_PRE, hook_name, layer_of
 from alphasteer_lens.models import HookedModel, hook_names, model_name
+from alphasteer_lens.passes import Positions
 from alphasteer_lens.sources import cache_dir
 from alphasteer_lens.storage import atomic_save_safetensors, load_safetensors_checked
 
-Positions = Literal["last", "all", "mean"] | Sequence[int]
-RESID_PRE = "blocks.{layer}.hook_resid_pre"
+__all__ = ["RESID_PRE", "Activations", "Positions", "cache_activations", "layer_of"]
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class Activations:
-    """Activations per hook name: ``[n, d]`` for "last"/"mean", ``[n, len(positions), d]`` for a
-    position list, ``[n, pos, d]`` (left-padded, see ``attention_mask``) for "all"."""
+class Activations(Mapping[str, Tensor]):
+    """Activations per hook name, a read-only mapping: ``[n, d]`` for "last"/"mean",
+    ``[n, len(positions), d]`` for a position list, ``[n, pos, d]`` (left-padded, see
+    ``attention_mask``) for "prompt"/"all". ``acts[layer]`` also works where one hook of that
+    layer is cached; ``len(acts)`` is the number of hooks and ``acts.n`` the number of prompts."""
 
     tensors: dict[str, Float[Tensor, "n ..."]]
     positions: str | tuple[int, ...]
     attention_mask: Tensor | None = None
     meta: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            raise ValueError("Activations hold no hooks")
+        rows = {int(t.shape[0]) for t in self.tensors.values()}
+        if len(rows) != 1:
+            raise ValueError(f"Activations: hooks hold different numbers of prompts {sorted(rows)}")
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
     def __getitem__(self, key: int | str) -> Tensor:
-        if isinstance(key, int):
+        if isinstance(key, int) and not isinstance(key, bool):
             matches = [n for n in self.tensors if layer_of(n) == key]
-            if len(matches) != 1:
+            if not matches:
                 raise KeyError(f"layer {key} not cached (hooks: {sorted(self.tensors)})")
+            if len(matches) > 1:
+                raise KeyError(
+                    f"layer {key} is ambiguous: {sorted(matches)} are cached; index by hook name"
+                )
             return self.tensors[matches[0]]
+        if key not in self.tensors:
+            raise KeyError(f"hook {key!r} not cached (hooks: {sorted(self.tensors)})")
         return self.tensors[key]
 
-    def by_layer(self) -> dict[int, Tensor]:
-        """``{layer: tensor}``; requires one hook per layer."""
-        return {layer_of(n): t for n, t in self.tensors.items()}
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
 
     def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def n(self) -> int:
+        """Number of prompts."""
         return int(next(iter(self.tensors.values())).shape[0])
+
+    def by_layer(self) -> dict[int, Tensor]:
+        """``{layer: tensor}``; an error if a layer has several cached hooks."""
+        out: dict[int, Tensor] = {}
+        for name, t in self.tensors.items():
+            layer = layer_of(name)
+            if layer in out:
+                raise ValueError(
+                    f"layer {layer} has several cached hooks ({sorted(self.tensors)}); "
+                    "index by hook name instead of by_layer()"
+                )
+            out[layer] = t
+        return out
 
     def select(self, rows: Sequence[int]) -> Activations:
         """The activations of the prompts at ``rows`` (in that order), e.g. a length-matched
         subset from :meth:`~alphasteer_lens.prompts.PromptSet.length_matched_indices`."""
-        n = len(self)
+        n = self.n
         bad = [i for i in rows if not -n <= i < n]
         if not rows or bad:
             raise ValueError(
@@ -76,13 +112,36 @@ class Activations:
             self, tensors={k: t[idx] for k, t in self.tensors.items()}, attention_mask=mask
         )
 
+    @classmethod
+    def from_cache(
+        cls,
+        cache: Mapping[str, Tensor],
+        *,
+        hooks: Sequence[str] | None = None,
+        position: int = -1,
+    ) -> Activations:
+        """From a TransformerLens ``ActivationCache`` (or any ``{hook: [batch, pos, d]}``), each
+        hook sliced at ``position`` (default the last column: the last prompt token of a
+        left-padded batch; for right padding pass the ``positions`` you need to a cache run)."""
+        names = list(hooks) if hooks is not None else [n for n in cache if _LAYER.match(n)]
+        tensors: dict[str, Tensor] = {}
+        for name in names:
+            t = cache[name]
+            if t.ndim != 3:
+                raise ValueError(f"{name}: expected [batch, pos, d], got {tuple(t.shape)}")
+            tensors[name] = t[:, position].detach().float().cpu()
+        return cls(tensors, (position,), None, {"source": "ActivationCache"})
 
-def layer_of(hook_name: str) -> int:
-    """The block index in a hook name such as ``blocks.12.hook_resid_pre``."""
-    m = _LAYER.match(hook_name)
-    if m is None:
-        raise ValueError(f"hook {hook_name!r} is not inside a block (expected 'blocks.L....')")
-    return int(m.group(1))
+
+def layer_tensors(source: Mapping[Any, Tensor], *, position: int = -1) -> dict[int, Tensor]:
+    """``{layer: [n, d]}`` from :class:`Activations`, a TransformerLens ``ActivationCache`` (sliced
+    at ``position``) or a mapping that already is ``{layer: tensor}``."""
+    if isinstance(source, Activations):
+        return source.by_layer()
+    keys = list(source.keys())
+    if keys and all(isinstance(k, str) for k in keys):
+        return Activations.from_cache(source, position=position).by_layer()
+    return dict(source)
 
 
 def resolve_hooks(
@@ -101,7 +160,7 @@ def resolve_hooks(
                 raise ValueError(f"layer must be an int, got {layer!r}")
             if not 0 <= layer < n_layers:
                 raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers")
-        hooks = [template.format(layer=layer) for layer in layers]
+        hooks = [hook_name(template, layer) for layer in layers]
     known = hook_names(model)
     for name in hooks:
         if known and name not in known:
@@ -236,26 +295,36 @@ def cache_activations(
     batch_size: int = 16,
     system: str | None = None,
     assistant_prefix: str = "",
+    prompt_format: PromptFormat | str | None = None,
     cache: bool | str | Path = False,
     progress: bool = True,
     desc: str = "caching activations",
 ) -> Activations:
     """Run ``prompts`` through ``model`` and keep the activations at ``hooks``.
 
-    ``cache=True`` (or a directory) stores the result as safetensors under a key made of the
-    model, prompts, hooks, positions and formatting, so a changed prompt set never reuses stale
-    activations. Non-finite activations raise an error naming the hook and prompts.
+    ``prompt_format`` defaults to the chat template when the tokenizer has one, raw text
+    otherwise. ``cache=True`` (or a directory) stores the result as safetensors under a key made
+    of the model, prompts, hooks, positions and format, so a changed prompt set never reuses
+    stale activations; a stored file that does not match the request is recomputed. Non-finite
+    activations raise an error naming the hook and prompts.
     """
     prompts = check_prompts(prompts, batch_size)
     names = resolve_hooks(model, layers, hooks)
     if not names:
         raise ValueError("no layers or hooks requested: pass layers=[...] or hooks=[...]")
     pos: str | tuple[int, ...] = positions if isinstance(positions, str) else tuple(positions)
+    if pos == "prompt":
+        pos = "all"
     if isinstance(pos, str) and pos not in ("last", "all", "mean"):
-        raise ValueError(f"positions must be 'last', 'all', 'mean' or a list of ints, got {pos!r}")
+        raise ValueError(
+            f"positions must be 'last', 'prompt', 'mean' or a list of ints, got {pos!r}"
+        )
     if isinstance(pos, tuple) and not pos:
         raise ValueError("positions list is empty")
-    extra = json.dumps([system, assistant_prefix])
+    if isinstance(pos, tuple) and any(not isinstance(p, int) or isinstance(p, bool) for p in pos):
+        raise ValueError(f"positions list must hold ints, got {list(pos)}")
+    fmt = _format(model, prompt_format, system, assistant_prefix)
+    extra = json.dumps(fmt.to_json(), sort_keys=True)
     path: Path | None = None
     attached = _attached_hooks(model) if cache is not False else []
     if attached:
@@ -276,7 +345,10 @@ def cache_activations(
                 warnings.warn(f"recomputing an unreadable activation cache: {err}", stacklevel=2)
             else:
                 mask = tensors.pop("__attention_mask__", None)
-                return Activations(tensors, pos, mask, meta)
+                problem = _cache_mismatch(tensors, mask, names, pos, len(prompts), model)
+                if problem is None:
+                    return Activations(tensors, pos, mask, meta)
+                warnings.warn(f"recomputing activation cache {path.name}: {problem}", stacklevel=2)
     stop = max(layer_of(n) for n in names) + 1
     lengths = [len(p) for p in prompts]  # characters: a cheap proxy for token length
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
@@ -291,12 +363,9 @@ def cache_activations(
     masks: list[Tensor] = []
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch_idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = encode_chat(
-            model,
-            [prompts[i] for i in batch_idx],
-            system=system,
-            assistant_prefix=assistant_prefix,
-        ).to(model.cfg.device)
+        batch = encode_chat(model, [prompts[i] for i in batch_idx], prompt_format=fmt).to(
+            model.cfg.device
+        )
         grabbed: dict[str, Tensor] = {}
         grab = partial(_grab, store=grabbed, mask=batch.attention_mask, positions=pos)
         model.run_with_hooks(
@@ -320,13 +389,45 @@ def cache_activations(
         tensors = {n: torch.cat([_left_pad(t, width_all) for t in out[n]])[inverse] for n in names}
     else:
         tensors = {n: torch.cat(out[n])[inverse] for n in names}
-    meta = {"model": model_name(model), "hooks": json.dumps(names), "positions": str(pos)}
+    meta = {
+        "model": model_name(model),
+        "hooks": json.dumps(names),
+        "positions": str(pos),
+        "prompt_format": extra,
+        "n_prompts": str(len(prompts)),
+    }
     if path is not None:
         to_save = dict(tensors)
         if mask_all is not None:
             to_save["__attention_mask__"] = mask_all
         atomic_save_safetensors(to_save, path, meta)
     return Activations(tensors, pos, mask_all, meta)
+
+
+def _cache_mismatch(
+    tensors: dict[str, Tensor],
+    mask: Tensor | None,
+    names: Sequence[str],
+    pos: str | tuple[int, ...],
+    n: int,
+    model: HookedModel,
+) -> str | None:
+    """Why a stored cache file does not answer this request (None if it does)."""
+    if sorted(tensors) != sorted(names):
+        return f"it holds hooks {sorted(tensors)[:4]}, not {sorted(names)[:4]}"
+    d = int(model.cfg.d_model)
+    for name, t in tensors.items():
+        if t.shape[0] != n or t.shape[-1] != d:
+            return f"{name} has shape {tuple(t.shape)} for {n} prompts of d_model={d}"
+        if t.dtype != torch.float32 or not bool(torch.isfinite(t).all()):
+            return f"{name} is not finite float32"
+        if isinstance(pos, str) and pos in ("last", "mean") and t.ndim != 2:
+            return f"{name} has shape {tuple(t.shape)} for positions={pos!r}"
+        if isinstance(pos, tuple) and (t.ndim != 3 or t.shape[1] != len(pos)):
+            return f"{name} has shape {tuple(t.shape)} for positions={list(pos)}"
+        if pos == "all" and (t.ndim != 3 or mask is None or tuple(mask.shape) != t.shape[:2]):
+            return f"{name} has no matching attention mask for positions='prompt'"
+    return None
 
 
 def _check_finite(t: Tensor, hook: str, texts: list[str], indices: list[int]) -> None:

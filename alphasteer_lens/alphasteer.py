@@ -16,11 +16,13 @@ the span of ``Q``, so for them ``h·w ≈ 0``.
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from alphasteer_lens.hookpoints import RESID_PRE, check_template, hook_name
 from alphasteer_lens.nullspace import NullSpace, check_activations, null_space
 
 
@@ -165,11 +167,12 @@ class AlphaSteer:
     layers: tuple[int, ...]
     w: Float[Tensor, "layer d_model"]
     r: Float[Tensor, "layer d_model"]
-    hook_template: str = "blocks.{layer}.hook_resid_pre"
+    hook_template: str = RESID_PRE
     alpha: float = 10.0
     ratio: float | None = 0.5
     tol: float | None = None
     leakage: tuple[float, ...] = ()
+    default_positions: ClassVar[str] = "prompt"
 
     def __post_init__(self) -> None:
         layers = tuple(int(layer) for layer in self.layers)
@@ -193,6 +196,10 @@ class AlphaSteer:
             raise ValueError(
                 f"AlphaSteer: {len(self.leakage)} leakage values for {len(layers)} layers"
             )
+        check_template(self.hook_template)
+        for name in ("w", "r"):
+            if not torch.isfinite(getattr(self, name).detach().float()).all():
+                raise ValueError(f"AlphaSteer: {name} overflows float32")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "w", self.w.detach().to(torch.float32))
         object.__setattr__(self, "r", self.r.detach().to(torch.float32))
@@ -200,7 +207,22 @@ class AlphaSteer:
 
     def hook_name(self, layer: int) -> str:
         """The hook point this layer's steering is applied at."""
-        return self.hook_template.format(layer=layer)
+        return hook_name(self.hook_template, layer)
+
+    def scores(self, i: int, h_last: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+        """``h_last · w`` of ``layers[i]`` in float32: the coefficient of ``r``."""
+        return h_last.float() @ self.w[i].to(h_last.device)
+
+    def delta(self, i: int, h: Float[Tensor, "batch pos d_model"], state: Any) -> Tensor:
+        """``(h_last·w) r`` for every position (the runtime applies λ and the position mask);
+        ``h_last·w`` is read during the prefill and kept in ``state.memo`` for decode steps."""
+        key = ("alphasteer", id(self), i)
+        last = state.last_prompt(h)
+        if last is not None:
+            state.memo[key] = self.scores(i, last)
+        elif key not in state.memo:
+            raise RuntimeError("AlphaSteer: a decode step came before any prefill of its prompt")
+        return state.memo[key].reshape(-1, 1, 1) * self.r[i].to(h.device)
 
     @classmethod
     def fit(
@@ -213,7 +235,7 @@ class AlphaSteer:
         ratio: float | None = 0.5,
         tol: float | None = None,
         alpha: float = 10.0,
-        hook_template: str = "blocks.{layer}.hook_resid_pre",
+        hook_template: str = RESID_PRE,
         allow_rank_deficient: bool = False,
     ) -> "AlphaSteer":
         """Fit per layer: ``Q`` = :func:`null_space` of the benign activations, ``w`` =

@@ -1,8 +1,9 @@
-"""Chat templating and left-padded batch encoding.
+"""Prompt encoding: a :class:`~alphasteer_lens.formats.PromptFormat`, then left-padded batches.
 
-The chat template string already holds the special tokens, so it is tokenised without adding
-more. Batches are left-padded with an attention mask, which puts every prompt's last token at
-position ``-1``: the position AlphaSteer reads and the position generation continues from.
+A chat template string already holds the special tokens, so it is tokenised without adding
+more; raw and template formats get a BOS token as TransformerLens would prepend one. Batches
+are left-padded with an attention mask, which puts every prompt's last token at ``-1``: the
+position AlphaSteer reads and the position generation continues from.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
+
+from alphasteer_lens.formats import PromptFormat, resolve_format
+from alphasteer_lens.passes import Prompt, prompt_bounds
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,10 @@ class ChatBatch:
     @property
     def prompt_len(self) -> int:
         return int(self.tokens.shape[1])
+
+    def prompt(self) -> Prompt:
+        """Where each row's prompt lies: what generation tells the steering runtime."""
+        return prompt_bounds(self.tokens, self.attention_mask, instruction_end=self.instruction_end)
 
     def to(self, device: torch.device | str) -> ChatBatch:
         return ChatBatch(
@@ -55,22 +63,45 @@ def format_chat(
 
     ``template`` (a string with a ``{prompt}`` slot) replaces the tokenizer's chat template, for
     base models that have none. ``assistant_prefix`` is appended after the assistant header
-    (SCANS uses " Sure").
+    (SCANS uses " Sure"). :class:`~alphasteer_lens.formats.PromptFormat` covers all formats.
     """
     if template is not None:
         if "{prompt}" not in template:
             raise ValueError("chat template string must contain a '{prompt}' slot")
         return template.replace("{prompt}", prompt) + assistant_prefix
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template; set tokenizer.chat_template, or pass "
-            "template='...{prompt}...' for a base model"
-        )
-    messages = [{"role": "user", "content": prompt}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return str(text) + assistant_prefix
+    return PromptFormat.chat(system, assistant_prefix).render(tokenizer, prompt)
+
+
+def _format(
+    model: Any,
+    prompt_format: PromptFormat | str | None,
+    system: str | None,
+    assistant_prefix: str,
+    template: str | None = None,
+) -> PromptFormat:
+    if template is not None:
+        if prompt_format is not None:
+            raise ValueError("pass either template= or prompt_format=, not both")
+        prompt_format = PromptFormat.user_template(template, bos=False)
+    return resolve_format(
+        model.tokenizer, prompt_format, system=system, assistant_prefix=assistant_prefix
+    )
+
+
+def encode_texts(
+    model: Any, prompts: Sequence[str], fmt: PromptFormat
+) -> tuple[list[str], list[list[int]]]:
+    """Each prompt rendered by ``fmt`` and its token ids (a BOS first where ``fmt`` wants one)."""
+    tokenizer = model.tokenizer
+    texts = [fmt.render(tokenizer, p) for p in prompts]
+    ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and fmt.prepends_bos(model.cfg):
+        ids = [row if row[:1] == [bos] else [int(bos), *row] for row in ids]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} ({prompts[i][:60]!r}) is empty after tokenisation")
+    return texts, ids
 
 
 def _suffix_tokens(tokenizer: Any, text: str, prompt: str) -> int:
@@ -126,19 +157,16 @@ def length_batches(
 
 
 def chat_lengths(
-    model: Any, prompts: Sequence[str], *, system: str | None = None, assistant_prefix: str = ""
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    assistant_prefix: str = "",
+    prompt_format: PromptFormat | str | None = None,
 ) -> list[int]:
-    """Token count of each prompt after chat formatting (what :func:`encode_chat` pads to)."""
-    tok = model.tokenizer
-    return [
-        len(
-            tok(
-                format_chat(tok, p, system=system, assistant_prefix=assistant_prefix),
-                add_special_tokens=False,
-            )["input_ids"]
-        )
-        for p in prompts
-    ]
+    """Token count of each prompt after formatting (what :func:`encode_chat` pads to)."""
+    fmt = _format(model, prompt_format, system, assistant_prefix)
+    return [len(row) for row in encode_texts(model, prompts, fmt)[1]]
 
 
 def encode_chat(
@@ -149,8 +177,10 @@ def encode_chat(
     assistant_prefix: str = "",
     template: str | None = None,
     max_tokens: int | None = None,
+    prompt_format: PromptFormat | str | None = None,
 ) -> ChatBatch:
-    """Chat-format and tokenise ``prompts`` as one left-padded batch with an attention mask.
+    """Format (``prompt_format``, default :func:`~alphasteer_lens.formats.default_format`) and
+    tokenise ``prompts`` as one left-padded batch with an attention mask.
 
     Prompts longer than the model's context or ``max_tokens`` (the smaller) are refused with an
     error that names the prompt (its index in this batch and its opening words): silently
@@ -162,13 +192,8 @@ def encode_chat(
         if not isinstance(p, str):
             raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
     tokenizer = model.tokenizer
-    texts = [
-        format_chat(
-            tokenizer, p, system=system, assistant_prefix=assistant_prefix, template=template
-        )
-        for p in prompts
-    ]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    fmt = _format(model, prompt_format, system, assistant_prefix, template)
+    texts, ids = encode_texts(model, prompts, fmt)
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
     limits = [x for x in (max_tokens, n_ctx) if x]
     limit = min(limits) if limits else None
@@ -176,7 +201,7 @@ def encode_chat(
     for i, row in enumerate(ids):
         if limit is not None and len(row) > limit:
             raise ValueError(
-                f"prompt {i} ({prompts[i][:60]!r}) is {len(row)} tokens after chat formatting, "
+                f"prompt {i} ({prompts[i][:60]!r}) is {len(row)} tokens after formatting, "
                 f"longer than the limit of {limit} ({what}); it is refused rather than "
                 "silently truncated: shorten it"
             )

@@ -49,8 +49,9 @@ from alphasteer_lens.metrics import (
     unchanged_fraction,
 )
 from alphasteer_lens.models import HookedModel
+from alphasteer_lens.passes import SteerPositions as Positions
 from alphasteer_lens.prompts import PromptSet
-from alphasteer_lens.steering import Positions, Steering, check_strength
+from alphasteer_lens.steering import Steering, check_strength
 from alphasteer_lens.storage import tensors_hash
 
 Role = Literal["harmful", "benign"]

@@ -23,17 +23,23 @@ from alphasteer_lens.chat import (
     encode_chat,
     length_batches,
 )
+from alphasteer_lens.formats import PromptFormat
 from alphasteer_lens.models import HookedModel, hook_names
-from alphasteer_lens.steering import AnySteering, Positions, steer
+from alphasteer_lens.passes import SteerPositions
+from alphasteer_lens.steering import AnySteering, steer
 
 MAX_BATCH_TOKENS = 8192  # padded tokens per batch (rows × longest prompt)
 
 
 def _batches(
-    model: HookedModel, prompts: Sequence[str], batch_size: int, system: str | None
+    model: HookedModel,
+    prompts: Sequence[str],
+    batch_size: int,
+    system: str | None,
+    prompt_format: PromptFormat | str | None = None,
 ) -> list[list[int]]:
     prompts = check_prompts(prompts, batch_size)
-    lengths = chat_lengths(model, prompts, system=system)
+    lengths = chat_lengths(model, prompts, system=system, prompt_format=prompt_format)
     return length_batches(lengths, batch_size, MAX_BATCH_TOKENS)
 
 
@@ -58,21 +64,15 @@ def steering_context(
     steering: AnySteering | None,
     strength: float | Sequence[float],
     batch: ChatBatch,
-    positions: Positions = "prompt",
+    positions: SteerPositions | None = None,
     generated: bool = False,
 ) -> Any:
-    """:func:`steer` set up for one encoded batch (its prompt length and instruction ends);
+    """:func:`steer` told where one encoded batch's prompts lie (and their instruction ends);
     a no-op context for ``steering=None``."""
     if steering is None:
         return nullcontext(model)
     return steer(
-        model,
-        steering,
-        strength,
-        positions=positions,
-        generated=generated,
-        prompt_len=batch.prompt_len,
-        instruction_end=batch.instruction_end,
+        model, steering, strength, positions=positions, generated=generated, prompt=batch.prompt()
     )
 
 
@@ -82,6 +82,16 @@ def _mask_kwargs(model: HookedModel, batch: ChatBatch) -> dict[str, Any]:
     if "attention_mask" in inspect.signature(model.generate).parameters:
         return {"attention_mask": batch.attention_mask}
     return {"padding_side": "left"}
+
+
+def check_max_new_tokens(max_new_tokens: int) -> int:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    return max_new_tokens
 
 
 def _row_strength(strength: float | Sequence[float], idx: list[int]) -> float | list[float]:
@@ -97,12 +107,13 @@ def generate(
     *,
     steering: AnySteering | None = None,
     strength: float | Sequence[float] = 1.0,
-    positions: Positions = "prompt",
+    positions: SteerPositions | None = None,
     generated: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     use_kv_cache: bool = True,
     system: str | None = None,
+    prompt_format: PromptFormat | str | None = None,
     progress: bool = True,
     desc: str = "generating",
 ) -> list[str]:
@@ -113,8 +124,8 @@ def generate(
     texts, _ = generate_with_logits(
         model, prompts, steering=steering, strength=strength, positions=positions,
         generated=generated, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        use_kv_cache=use_kv_cache, system=system, progress=progress, desc=desc,
-        first_logits=False,
+        use_kv_cache=use_kv_cache, system=system, prompt_format=prompt_format,
+        progress=progress, desc=desc, first_logits=False,
     )  # fmt: skip
     return texts
 
@@ -126,12 +137,13 @@ def generate_with_logits(
     *,
     steering: AnySteering | None = None,
     strength: float | Sequence[float] = 1.0,
-    positions: Positions = "prompt",
+    positions: SteerPositions | None = None,
     generated: bool = False,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     use_kv_cache: bool = True,
     system: str | None = None,
+    prompt_format: PromptFormat | str | None = None,
     progress: bool = True,
     desc: str = "generating",
     first_logits: bool = True,
@@ -142,12 +154,15 @@ def generate_with_logits(
     get them from a separate forward pass."""
     if not isinstance(strength, (int, float)) and len(strength) != len(prompts):
         raise ValueError(f"{len(strength)} strengths for {len(prompts)} prompts")
+    check_max_new_tokens(max_new_tokens)
     out: list[str] = [""] * len(prompts)
     firsts: list[Tensor] = [torch.empty(0)] * len(prompts)
     from_prefill = first_logits and _PREFILL_HOOK in hook_names(model)
-    batches = _batches(model, prompts, batch_size, system)
+    batches = _batches(model, prompts, batch_size, system, prompt_format)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
+        batch = encode_chat(
+            model, [prompts[i] for i in idx], system=system, prompt_format=prompt_format
+        ).to(model.cfg.device)
         seen: list[Tensor] = []
         with ExitStack() as stack:
             if from_prefill:
@@ -166,7 +181,8 @@ def generate_with_logits(
     if not from_prefill:
         scored = next_token_logits(
             model, prompts, steering=steering, strength=strength, positions=positions,
-            batch_size=batch_size, system=system, progress=progress, desc=desc,
+            batch_size=batch_size, system=system, prompt_format=prompt_format, progress=progress,
+            desc=desc,
         )  # fmt: skip
         return out, scored
     return out, torch.stack(firsts)
@@ -192,12 +208,13 @@ def greedy_batch(
     *,
     steering: AnySteering | None = None,
     strength: float | Sequence[float] = 1.0,
-    positions: Positions = "prompt",
+    positions: SteerPositions | None = None,
     generated: bool = False,
     max_new_tokens: int = 64,
     use_kv_cache: bool = True,
 ) -> list[list[int]]:
     """Greedy continuation token ids of one encoded batch, each cut before its first EOS."""
+    check_max_new_tokens(max_new_tokens)
     eos = model.tokenizer.eos_token_id
     with ExitStack() as stack:
         stack.enter_context(last_position_logits(model))
@@ -226,17 +243,20 @@ def next_token_logits(
     *,
     steering: AnySteering | None = None,
     strength: float | Sequence[float] = 1.0,
-    positions: Positions = "prompt",
+    positions: SteerPositions | None = None,
     batch_size: int = 16,
     system: str | None = None,
+    prompt_format: PromptFormat | str | None = None,
     progress: bool = True,
     desc: str = "scoring",
 ) -> Float[Tensor, "n d_vocab"]:
     """Logits at the first generated position: one forward pass per prompt, no decoding."""
     rows: list[Tensor] = [torch.empty(0)] * len(prompts)
-    batches = _batches(model, prompts, batch_size, system)
+    batches = _batches(model, prompts, batch_size, system, prompt_format)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        batch = encode_chat(model, [prompts[i] for i in idx], system=system).to(model.cfg.device)
+        batch = encode_chat(
+            model, [prompts[i] for i in idx], system=system, prompt_format=prompt_format
+        ).to(model.cfg.device)
         with ExitStack() as stack:
             stack.enter_context(last_position_logits(model))
             stack.enter_context(
