@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from alphasteer_lens.activations import layer_tensors
 from alphasteer_lens.hookpoints import RESID_PRE, check_template, hook_name
 from alphasteer_lens.nullspace import NullSpace, check_activations, null_space
 
@@ -227,8 +228,8 @@ class AlphaSteer:
     @classmethod
     def fit(
         cls,
-        benign: Mapping[int, Tensor],
-        malicious: Mapping[int, Tensor],
+        benign: Mapping[Any, Tensor],
+        malicious: Mapping[Any, Tensor],
         refusal: Mapping[int, Tensor],
         *,
         layers: Sequence[int] | None = None,
@@ -241,8 +242,11 @@ class AlphaSteer:
         """Fit per layer: ``Q`` = :func:`null_space` of the benign activations, ``w`` =
         :func:`fit_steering_weights` on the malicious ones, ``r`` = the given refusal direction
         (taken as is, not normalised). ``layers`` defaults to the benign mapping's keys, sorted.
-        Pass ``ratio=None`` to choose ``k`` by ``tol``."""
+        Pass ``ratio=None`` to choose ``k`` by ``tol``. ``benign`` and ``malicious`` may be
+        ``{layer: [n, d]}``, :class:`~alphasteer_lens.activations.Activations` or a
+        TransformerLens ``ActivationCache`` of a left-padded batch (read at the last position)."""
         _check_alpha(alpha)
+        benign, malicious = layer_tensors(benign), layer_tensors(malicious)
         chosen = sorted(benign) if layers is None else list(layers)
         if not chosen:
             raise ValueError("AlphaSteer.fit: no layers to fit")

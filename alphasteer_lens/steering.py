@@ -144,7 +144,7 @@ def check_strength(strength: float) -> float:
 
 def _strengths(strength: float | Sequence[float]) -> Tensor:
     if isinstance(strength, (int, float, str)) or not isinstance(strength, Sequence):
-        values = [check_strength(strength)]  # type: ignore[arg-type]
+        values = [check_strength(strength)]
     else:
         values = [check_strength(s) for s in strength]
         if not values:

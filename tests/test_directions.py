@@ -114,8 +114,59 @@ def test_activations_select_rows() -> None:
     a = Activations({"blocks.2.hook_resid_pre": t}, "all", attention_mask=mask)
     b = a.select([4, 0, 0])
     assert torch.equal(b[2], t[[4, 0, 0]]) and torch.equal(b.attention_mask, mask[[4, 0, 0]])
-    assert len(b) == 3 and b.positions == "all" and len(a) == 5
+    assert b.n == 3 and b.positions == "all" and a.n == 5 and len(a) == 1
     with pytest.raises(ValueError, match=r"indices in \[-5, 5\); bad: \[5\]"):
         a.select([1, 5])
     with pytest.raises(ValueError, match="non-empty"):
         a.select([])
+
+
+def test_activations_is_a_read_only_mapping() -> None:
+    """By hook name and by layer where that is unambiguous; by_layer refuses a layer with two
+    hooks (it used to keep whichever came last)."""
+    from collections.abc import Mapping
+
+    import pytest
+
+    from alphasteer_lens.activations import Activations
+
+    pre, post = _randn(4, 3, 2), _randn(5, 3, 2)
+    a = Activations({"blocks.1.hook_resid_pre": pre, "blocks.1.hook_resid_post": post}, "last")
+    assert isinstance(a, Mapping) and len(a) == 2 and a.n == 3
+    assert list(a) == ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
+    assert torch.equal(a["blocks.1.hook_resid_post"], post)
+    with pytest.raises(KeyError, match="ambiguous"):
+        a[1]
+    with pytest.raises(ValueError, match="several cached hooks"):
+        a.by_layer()
+    with pytest.raises(TypeError):
+        a.tensors["blocks.2.hook_resid_pre"] = pre  # type: ignore[index]
+    with pytest.raises(KeyError, match="not cached"):
+        a["blocks.7.hook_resid_pre"]
+
+
+def test_fit_accepts_a_transformer_lens_activation_cache(tiny) -> None:  # type: ignore[no-untyped-def]
+    """An ActivationCache from ``run_with_cache`` on left-padded prompts, sliced at the last
+    position, fits the same AlphaSteer as cache_activations' activations."""
+    from alphasteer_lens.activations import Activations, cache_activations, layer_tensors
+    from alphasteer_lens.alphasteer import AlphaSteer
+    from alphasteer_lens.chat import encode_chat
+
+    benign = [f"plain request number {i} about cooking" for i in range(12)]
+    harmful = [f"harmful request number {i} about weapons" for i in range(12)]
+    layers = [1, 2]
+    caches = []
+    for ps in (benign, harmful):
+        batch = encode_chat(tiny, ps)
+        _, cache = tiny.run_with_cache(
+            batch.tokens, attention_mask=batch.attention_mask,
+            names_filter=lambda n: n.endswith("hook_resid_pre"),
+        )  # fmt: skip
+        caches.append(cache)
+    ours = [cache_activations(tiny, ps, layers=layers, progress=False) for ps in (benign, harmful)]
+    r = {layer: torch.randn(64, generator=torch.Generator().manual_seed(layer)) for layer in layers}
+    kw = {"layers": layers, "ratio": 0.5, "allow_rank_deficient": True}
+    a = AlphaSteer.fit(caches[0], caches[1], r, **kw)
+    b = AlphaSteer.fit(ours[0], ours[1], r, **kw)
+    torch.testing.assert_close(a.w, b.w, atol=1e-4, rtol=1e-3)
+    assert set(layer_tensors(Activations.from_cache(caches[0]))) == {0, 1, 2, 3}
