@@ -10,13 +10,20 @@ from alphasteer_lens.artifacts import load_steering, save_steering
 from alphasteer_lens.benign_vectors import compliance_vector, json_vector, load_vector
 from alphasteer_lens.chat import encode_chat, format_chat
 from alphasteer_lens.directions import diff_in_means, refused_minus_complied
+from alphasteer_lens.formats import PromptFormat
 from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import HookedModel, load_model
 from alphasteer_lens.nullspace import NullSpace, benign_leakage, null_space
 from alphasteer_lens.prompts import PromptSet, load_prompts
 from alphasteer_lens.scans import Scans
-from alphasteer_lens.steering import ActAdd, Composition, DirectionalAblation, steer
+from alphasteer_lens.steering import (
+    ActAdd,
+    Composition,
+    DirectionalAblation,
+    SteeringRuntime,
+    steer,
+)
 
 __version__ = "0.1.0"
 
@@ -29,9 +36,11 @@ __all__ = [
     "HookedModel",
     "KeywordJudge",
     "NullSpace",
+    "PromptFormat",
     "PromptSet",
     "RefusalTokens",
     "Scans",
+    "SteeringRuntime",
     "benign_leakage",
     "cache_activations",
     "compliance_vector",
