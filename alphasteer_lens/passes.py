@@ -20,7 +20,8 @@ One :data:`Positions` vocabulary serves caching and steering:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -197,44 +198,64 @@ class PassReader:
         self.instruction_end = instruction_end
         self.state: PassState | None = None
         self._seq: Tensor | None = None  # the token ids seen since the last prefill
+        self.generating = False
 
     def begin(
         self,
-        tokens: Int[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | None,
         attention_mask: Tensor | None = None,
         *,
         cached: bool = False,
         padding_side: str | None = None,
+        shape: tuple[int, int] | None = None,
     ) -> PassState:
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-        tokens = tokens.detach().cpu()
+        """Classify the coming pass. ``tokens=None`` (a pass fed embeddings, as TransformerLens
+        3.x's ``generate`` does) needs ``shape``; inside a generation (:meth:`generation`) its
+        later passes are decode steps with a cache and re-runs without one."""
+        if tokens is not None:
+            if tokens.ndim != 2:
+                raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+            tokens = tokens.detach().cpu()
+            b, n = int(tokens.shape[0]), int(tokens.shape[1])
+        elif shape is not None:
+            b, n = shape
+        else:
+            raise ValueError("a pass needs its tokens or, for embeddings, its shape")
         prev, seq = self.state, self._seq
-        same_batch = prev is not None and seq is not None and seq.shape[0] == tokens.shape[0]
-        if cached and same_batch and prev is not None and seq is not None:
-            state = PassState(
-                "decode", int(seq.shape[1]), int(tokens.shape[1]), prev.prompt, prev.memo
-            )
-            self._seq = torch.cat([seq, tokens], 1)
-        elif (
-            same_batch
-            and prev is not None
-            and seq is not None
-            and tokens.shape[1] > seq.shape[1]
-            and torch.equal(tokens[:, : seq.shape[1]], seq)
-        ):
-            state = PassState("rerun", 0, int(tokens.shape[1]), prev.prompt, prev.memo)
+        continues = prev is not None and prev.prompt.batch == b
+        if cached and continues and prev is not None:
+            start = prev.start + prev.width
+            state = PassState("decode", start, n, prev.prompt, prev.memo)
+            if tokens is not None and seq is not None:
+                self._seq = torch.cat([seq, tokens], 1)
+        elif continues and prev is not None and self._reruns(tokens, n):
+            state = PassState("rerun", 0, n, prev.prompt, prev.memo)
             self._seq = tokens
         else:
-            state = PassState(
-                "prefill",
-                0,
-                int(tokens.shape[1]),
-                self._prompt(tokens, attention_mask, padding_side),
-            )
+            if tokens is None and attention_mask is None and self.told is None:
+                attention_mask = torch.ones(b, n, dtype=torch.long)
+            placeholder = tokens if tokens is not None else torch.zeros(b, n, dtype=torch.long)
+            prompt = self._prompt(placeholder, attention_mask, padding_side)
+            state = PassState("prefill", 0, n, prompt)
             self._seq = tokens
         self.state = state
         return state
+
+    def _reruns(self, tokens: Tensor | None, n: int) -> bool:
+        prev, seq = self.state, self._seq
+        assert prev is not None
+        if tokens is None:  # embeddings: only a generation says that a longer pass is a re-run
+            return self.generating and prev.kind != "decode" and n > prev.width
+        return seq is not None and n > seq.shape[1] and torch.equal(tokens[:, : seq.shape[1]], seq)
+
+    @contextmanager
+    def generation(self) -> Iterator[None]:
+        """Inside: one generation, whose first pass is its prefill."""
+        self.state, self._seq, self.generating = None, None, True
+        try:
+            yield
+        finally:
+            self.generating = False
 
     def _prompt(self, tokens: Tensor, mask: Tensor | None, padding_side: str | None) -> Prompt:
         told = self.told

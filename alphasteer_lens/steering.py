@@ -303,45 +303,71 @@ _TOKEN_KEYS = ("input", "input_ids", "tokens")
 _CACHE_KEYS = ("past_kv_cache", "past_key_values")
 
 
-def _tokens_of(model: HookedModel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    tokens = args[0] if args else next((kwargs[k] for k in _TOKEN_KEYS if k in kwargs), None)
-    if isinstance(tokens, (str, list)):
-        tokens = model.to_tokens(
-            tokens, prepend_bos=kwargs.get("prepend_bos"), padding_side=kwargs.get("padding_side")
+def _begin(
+    runtime: SteeringRuntime, model: HookedModel, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Tell the runtime about one forward call, from its token ids (or, for a pass fed
+    embeddings at ``start_at_layer=0`` as TL 3.x's ``generate`` does, their shape)."""
+    x = args[0] if args else next((kwargs[k] for k in _TOKEN_KEYS if k in kwargs), None)
+    if isinstance(x, (str, list)):
+        x = model.to_tokens(
+            x, prepend_bos=kwargs.get("prepend_bos"), padding_side=kwargs.get("padding_side")
         )
-    if not isinstance(tokens, Tensor) or tokens.is_floating_point():
+    cached = any(cache_length(kwargs.get(k)) > 0 for k in _CACHE_KEYS)
+    mask, side = kwargs.get("attention_mask"), kwargs.get("padding_side")
+    if isinstance(x, Tensor) and not x.is_floating_point():
+        tokens = x.unsqueeze(0) if x.ndim == 1 else x
+        runtime.begin_pass(tokens, mask, cached=cached, padding_side=side)
+    elif isinstance(x, Tensor) and x.ndim == 3 and kwargs.get("start_at_layer") == 0:
+        shape = (int(x.shape[0]), int(x.shape[1]))
+        runtime.reader.begin(None, mask, cached=cached, padding_side=side, shape=shape)
+    else:
         raise ValueError(
             "steer(...) reads each forward pass from its token ids; this pass was called with "
-            f"{type(tokens).__name__} (e.g. start_at_layer= residuals), which it cannot place"
+            f"{type(x).__name__} from a later layer (start_at_layer=...), which it cannot place"
         )
-    return tokens.unsqueeze(0) if tokens.ndim == 1 else tokens
+
+
+def _patch(model: HookedModel, name: str, make: Callable[[Any], Any]) -> Callable[[], None]:
+    had = name in vars(model)
+    inner = getattr(model, name)
+    setattr(model, name, make(inner))
+
+    def restore() -> None:
+        if had:
+            setattr(model, name, inner)
+        else:
+            delattr(model, name)
+
+    return restore
 
 
 @contextmanager
 def _reading_passes(model: HookedModel, runtime: SteeringRuntime) -> Iterator[None]:
     """Wrap ``model.forward`` (the instance attribute, which both TransformerLens classes'
-    ``__call__`` and ``generate`` go through) so that every pass is told to the runtime."""
-    had = "forward" in vars(model)
-    inner = model.forward  # type: ignore[attr-defined]
+    ``__call__`` and ``generate`` go through) so that every pass is told to the runtime, and
+    ``model.generate`` so that a generation's passes are known to belong to it."""
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        cached = any(cache_length(kwargs.get(k)) > 0 for k in _CACHE_KEYS)
-        runtime.begin_pass(
-            _tokens_of(model, args, kwargs),
-            kwargs.get("attention_mask"),
-            cached=cached,
-            padding_side=kwargs.get("padding_side"),
-        )
-        return inner(*args, **kwargs)
+    def forward(inner: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            _begin(runtime, model, args, kwargs)
+            return inner(*args, **kwargs)
 
-    model.forward = forward  # type: ignore[attr-defined]
+        return wrapped
+
+    def generate(inner: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            with runtime.reader.generation():
+                return inner(*args, **kwargs)
+
+        return wrapped
+
+    restores = [_patch(model, "forward", forward), _patch(model, "generate", generate)]
     try:
         yield
     finally:
-        if had:
-            model.forward = inner  # type: ignore[attr-defined]
-        else:
-            del model.forward  # type: ignore[attr-defined]
+        for restore in reversed(restores):
+            restore()
 
 
 def _padding_side(model: HookedModel) -> str:

@@ -342,20 +342,24 @@ def test_steered_generation_batched_equals_one_at_a_time(any_model) -> None:  # 
     assert batched != generate(any_model, PROMPTS, max_new_tokens=5, progress=False)
 
 
-def test_steer_around_model_generate_matches_toolkit_generate(tiny) -> None:  # type: ignore[no-untyped-def]
-    """steer(...) around TransformerLens' own generate reads prefill and decode steps from the
-    KV-cache argument; the tokens equal the toolkit's generate (told its passes)."""
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_steer_around_model_generate_matches_toolkit_generate(any_model, use_kv_cache) -> None:  # type: ignore[no-untyped-def]
+    """steer(...) around TransformerLens' own generate reads prefill, decode steps (KV-cache
+    argument) and re-runs; the tokens equal the toolkit's generate, which tells its passes."""
     from alphasteer_lens.chat import encode_chat
+    from alphasteer_lens.generation import _mask_kwargs
 
-    st = _alphasteer(64, layers=(0, 2))
-    batch = encode_chat(tiny, PROMPTS)
-    with steer(tiny, st, 3.0):
-        out = tiny.generate(
-            batch.tokens, attention_mask=batch.attention_mask, max_new_tokens=5,
-            do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False,
+    model = any_model
+    st = _alphasteer(int(model.cfg.d_model), layers=(0, 2))
+    batch = encode_chat(model, PROMPTS)
+    with steer(model, st, 3.0):
+        out = model.generate(
+            batch.tokens, **_mask_kwargs(model, batch), max_new_tokens=5, do_sample=False,
+            stop_at_eos=False, return_type="tokens", verbose=False, use_past_kv_cache=use_kv_cache,
         )  # fmt: skip
-    ours = generate(tiny, PROMPTS, steering=st, strength=3.0, max_new_tokens=5, progress=False)
-    eos = tiny.tokenizer.eos_token_id
+    ours = generate(model, PROMPTS, steering=st, strength=3.0, max_new_tokens=5, progress=False)
+    eos = model.tokenizer.eos_token_id
     for row, text in zip(out[:, batch.prompt_len :].tolist(), ours, strict=True):
         row = row[: row.index(eos)] if eos in row else row
-        assert tiny.tokenizer.decode(row, skip_special_tokens=True) == text
+        assert model.tokenizer.decode(row, skip_special_tokens=True) == text
+    assert ours != generate(model, PROMPTS, max_new_tokens=5, progress=False)
