@@ -27,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alphasteer_lens.chat import _format, check_prompts, encode_chat
+from alphasteer_lens.chat import check_prompts, encode_chat, model_format
 from alphasteer_lens.formats import PromptFormat
 from alphasteer_lens.hookpoints import RESID_PRE, hook_name, layer_of
 from alphasteer_lens.models import HookedModel, hook_names, model_name
@@ -323,7 +323,7 @@ def cache_activations(
         raise ValueError("positions list is empty")
     if isinstance(pos, tuple) and any(not isinstance(p, int) or isinstance(p, bool) for p in pos):
         raise ValueError(f"positions list must hold ints, got {list(pos)}")
-    fmt = _format(model, prompt_format, system, assistant_prefix)
+    fmt = model_format(model, prompt_format, system, assistant_prefix)
     extra = json.dumps(fmt.to_json(), sort_keys=True)
     path: Path | None = None
     attached = _attached_hooks(model) if cache is not False else []

@@ -72,7 +72,7 @@ def format_chat(
     return PromptFormat.chat(system, assistant_prefix).render(tokenizer, prompt)
 
 
-def _format(
+def model_format(
     model: Any,
     prompt_format: PromptFormat | str | None,
     system: str | None,
@@ -165,7 +165,7 @@ def chat_lengths(
     prompt_format: PromptFormat | str | None = None,
 ) -> list[int]:
     """Token count of each prompt after formatting (what :func:`encode_chat` pads to)."""
-    fmt = _format(model, prompt_format, system, assistant_prefix)
+    fmt = model_format(model, prompt_format, system, assistant_prefix)
     return [len(row) for row in encode_texts(model, prompts, fmt)[1]]
 
 
@@ -192,7 +192,7 @@ def encode_chat(
         if not isinstance(p, str):
             raise TypeError(f"prompt {i} is {type(p).__name__}, not str")
     tokenizer = model.tokenizer
-    fmt = _format(model, prompt_format, system, assistant_prefix, template)
+    fmt = model_format(model, prompt_format, system, assistant_prefix, template)
     texts, ids = encode_texts(model, prompts, fmt)
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
     limits = [x for x in (max_tokens, n_ctx) if x]

@@ -27,8 +27,9 @@ from jaxtyping import Float
 from sklearn.decomposition import PCA
 from torch import Tensor
 
-from alphasteer_lens.activations import RESID_PRE, cache_activations
+from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer, steering_vectors
+from alphasteer_lens.hookpoints import RESID_PRE, hook_name
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.nullspace import check_activations
 from alphasteer_lens.steering import ActAdd, Steering, check_strength, steer
@@ -199,7 +200,7 @@ def pca_points(
     """
     if (layer is None) == (hook is None):
         raise ValueError("pass exactly one of layer= or hook=")
-    name = hook if hook is not None else RESID_PRE.format(layer=layer)
+    name = hook if hook is not None else hook_name(RESID_PRE, layer)
     if not steerings:
         raise ValueError("steerings is empty: pass e.g. {'alphasteer': ..., 'actadd': ...}")
     if mode not in MODES:

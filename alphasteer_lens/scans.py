@@ -31,16 +31,17 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from alphasteer_lens.activations import cache_activations
-from alphasteer_lens.chat import format_chat
+from alphasteer_lens.chat import encode_texts, model_format
 from alphasteer_lens.directions import diff_in_means, unit
+from alphasteer_lens.formats import PromptFormat
 from alphasteer_lens.generation import generate
+from alphasteer_lens.hookpoints import RESID_POST, hook_name
 from alphasteer_lens.logit_lens import direction_logits
 from alphasteer_lens.metrics import Scores, auroc
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.steering import ActAdd
 
-RESID_POST = "blocks.{layer}.hook_resid_post"
 SEGMENT_NAMES = ("former", "middle", "latter")
 # Stems of refusal words. A token is refusal-like when its lower-cased letters start with a stem
 # of four or more characters, or equal a shorter one (so "no" does not match "note").
@@ -195,7 +196,12 @@ def anchor_layers(
 
 
 def prefix_offsets(
-    model: HookedModel, prompt: str, prefix: str, *, system: str | None = None
+    model: HookedModel,
+    prompt: str,
+    prefix: str,
+    *,
+    system: str | None = None,
+    prompt_format: PromptFormat | str | None = None,
 ) -> tuple[int, ...]:
     """Offsets from the end (negative) of the tokens ``prefix`` adds after the chat-formatted
     ``prompt``; the last prompt token sits at ``offsets[0] − 1``.
@@ -204,11 +210,9 @@ def prefix_offsets(
     the prefix into the template's last token still gets the right boundary (the first id that
     differs opens the prefix).
     """
-    tok = model.tokenizer
-    bare = tok(format_chat(tok, prompt, system=system), add_special_tokens=False)["input_ids"]
-    full = tok(
-        format_chat(tok, prompt, system=system, assistant_prefix=prefix), add_special_tokens=False
-    )["input_ids"]
+    fmt = model_format(model, prompt_format, system, "")
+    bare = encode_texts(model, [prompt], fmt)[1][0]
+    full = encode_texts(model, [prompt], fmt.with_prefix(fmt.assistant_prefix + prefix))[1][0]
     common = 0
     while common < min(len(bare), len(full)) and bare[common] == full[common]:
         common += 1
@@ -225,6 +229,7 @@ def _grouped_acts(
     positions_of: Any,
     *,
     system: str | None,
+    prompt_format: PromptFormat | str | None = None,
     batch_size: int,
     progress: bool,
     desc: str,
@@ -242,6 +247,7 @@ def _grouped_acts(
             positions=pos,
             assistant_prefix=prefix,
             system=system,
+            prompt_format=prompt_format,
             batch_size=batch_size,
             progress=progress,
             desc=desc,
@@ -261,6 +267,7 @@ def transition_vectors(
     prefix: str = " Sure",
     hook_template: str = RESID_POST,
     system: str | None = None,
+    prompt_format: PromptFormat | str | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> Float[Tensor, "n layer d_model"]:
@@ -273,12 +280,15 @@ def transition_vectors(
         raise ValueError("no layers given")
 
     def positions(p: str) -> tuple[int, int]:
-        return (prefix_offsets(model, p, prefix, system=system)[0] - 1, -1)
+        return (
+            prefix_offsets(model, p, prefix, system=system, prompt_format=prompt_format)[0] - 1,
+            -1,
+        )
 
-    hooks = [hook_template.format(layer=layer) for layer in layers]
+    hooks = [hook_name(hook_template, layer) for layer in layers]
     acts = _grouped_acts(
-        model, prompts, hooks, prefix, positions, system=system, batch_size=batch_size,
-        progress=progress, desc="transitions",
+        model, prompts, hooks, prefix, positions, system=system, prompt_format=prompt_format,
+        batch_size=batch_size, progress=progress, desc="transitions",
     )  # fmt: skip
     return torch.stack([acts[h][:, 0] - acts[h][:, 1] for h in hooks], dim=1)
 
@@ -446,12 +456,16 @@ class Scans:
         max_new_tokens: int = 64,
         batch_size: int = 16,
         system: str | None = None,
+        prompt_format: PromptFormat | str | None = None,
         progress: bool = True,
     ) -> pd.DataFrame:
         """Classify, then generate greedily with ``±α v`` from the instruction end onward
         (generated tokens included). Columns: prompt, score, harmful, strength, completion."""
         prompts = list(prompts)
-        kw: dict[str, Any] = {"system": system, "batch_size": batch_size, "progress": progress}
+        kw: dict[str, Any] = {
+            "system": system, "prompt_format": prompt_format, "batch_size": batch_size,
+            "progress": progress,
+        }  # fmt: skip
         scores = self.classify(model, prompts, **kw)
         harmful = self.classifier.predict(scores)
         strengths = scans_strengths(harmful, self.alpha)
@@ -481,6 +495,7 @@ class Scans:
         threshold: float = 0.75,
         prefix: str = " Sure",
         system: str | None = None,
+        prompt_format: PromptFormat | str | None = None,
         batch_size: int = 16,
         progress: bool = True,
     ) -> Scans:
@@ -489,8 +504,11 @@ class Scans:
         anchors over ``classifier_layers`` (default: first anchored layer to the last layer, as
         the reference code does)."""
         n_layers = int(model.cfg.n_layers)
-        hooks = [RESID_POST.format(layer=layer) for layer in range(n_layers)]
-        kw: dict[str, Any] = {"system": system, "batch_size": batch_size, "progress": progress}
+        hooks = [hook_name(RESID_POST, layer) for layer in range(n_layers)]
+        kw: dict[str, Any] = {
+            "system": system, "prompt_format": prompt_format, "batch_size": batch_size,
+            "progress": progress,
+        }  # fmt: skip
         h = cache_activations(model, list(harmful), hooks=hooks, desc="harmful anchors", **kw)
         b = cache_activations(model, list(harmless), hooks=hooks, desc="harmless anchors", **kw)
         vecs = refusal_vectors(h.by_layer(), b.by_layer())

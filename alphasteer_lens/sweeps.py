@@ -32,10 +32,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alphasteer_lens.activations import RESID_PRE, Activations, cache_activations
+from alphasteer_lens.activations import Activations, cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.directions import diff_in_means
 from alphasteer_lens.generation import generate, next_token_logits
+from alphasteer_lens.hookpoints import RESID_PRE, hook_name
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.metrics import auroc, first_token_kl
 from alphasteer_lens.models import HookedModel
@@ -196,7 +197,7 @@ def layer_sweep(
     chosen = list(range(int(model.cfg.n_layers))) if layers is None else list(layers)
     if not chosen:
         raise ValueError("layers is empty")
-    hooks = [hook_template.format(layer=layer) for layer in chosen]
+    hooks = [hook_name(hook_template, layer) for layer in chosen]
 
     def acts(ps: Sequence[str] | Activations, what: str) -> dict[str, Tensor]:
         if isinstance(ps, Activations):
