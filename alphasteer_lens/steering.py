@@ -195,6 +195,7 @@ class SteeringRuntime:
         pad_id: int | None = None,
         padding_side: str = "left",
         instruction_end: Tensor | None = None,
+        bos_id: int | None = None,
     ) -> None:
         lam = _strengths(strength)
         parts = steering.parts if isinstance(steering, Composition) else ((steering, 1.0),)
@@ -216,7 +217,11 @@ class SteeringRuntime:
                 entry = _Entry(part, i, scaled, pos, generated)
                 self.entries.setdefault(part.hook_name(layer), []).append(entry)
         self.reader = PassReader(
-            told=prompt, pad_id=pad_id, padding_side=padding_side, instruction_end=instruction_end
+            told=prompt,
+            pad_id=pad_id,
+            padding_side=padding_side,
+            instruction_end=instruction_end,
+            bos_id=bos_id,
         )
 
     def hook_names(self) -> list[str]:
@@ -370,6 +375,14 @@ def _reading_passes(model: HookedModel, runtime: SteeringRuntime) -> Iterator[No
             restore()
 
 
+def _prepended_bos(model: HookedModel) -> int | None:
+    """The BOS id TransformerLens prepends to this model's prompts, or None."""
+    if not getattr(model.cfg, "default_prepend_bos", True):
+        return None
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    return bos if isinstance(bos, int) else None
+
+
 def _padding_side(model: HookedModel) -> str:
     side = getattr(model.cfg, "default_padding_side", None)
     side = side or getattr(model.tokenizer, "padding_side", None) or "right"
@@ -411,6 +424,7 @@ def steer(
         pad_id=getattr(model.tokenizer, "pad_token_id", None),
         padding_side=padding_side or _padding_side(model),
         instruction_end=instruction_end,
+        bos_id=_prepended_bos(model),
     )
     known = hook_names(model)
     for name in runtime.hook_names():

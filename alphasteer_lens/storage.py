@@ -1,8 +1,11 @@
 """Safe storage: safetensors for tensors, JSON metadata, atomic writes, verified loads.
 
 Nothing here unpickles or evaluates anything: a steering file from a stranger can be opened
-safely. Every file carries a sha256 of its tensors in the metadata, checked on load, so a
-truncated or edited file is refused with an error that says so.
+safely. Every file carries a sha256 over its tensors **and** its canonical metadata (the whole
+header but the hash itself), checked on load, so a truncated file, or one whose tensors or any
+metadata field (layers, hook template, ``d_model``, ...) were edited, is refused with an
+:class:`ArtifactError` that says so. The hash is a checksum, not a signature: it catches edits
+and corruption, not someone who recomputes it.
 
 Writes go to a temporary file beside the target (named after the host and process id), are
 fsynced and renamed over the target, so a reader never sees half a file. A writer killed
@@ -19,9 +22,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,14 @@ from torch import Tensor
 
 FORMAT = "alphasteer_lens"
 CONTENT_HASH = "content_sha256"
+HASH_SCOPE = "hash_scope"
+SCOPE = "tensors+metadata"
+
+
+class ArtifactError(ValueError):
+    """A file written by (or claimed to be from) alphasteer_lens that cannot be used: unreadable,
+    foreign, edited, or with metadata that fails its schema. The message names the file and
+    the field."""
 
 
 def tensors_hash(tensors: Mapping[str, Tensor]) -> str:
@@ -41,7 +54,19 @@ def tensors_hash(tensors: Mapping[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def content_hash(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 over the canonical metadata (sorted keys, compact JSON, without the hash field
+    itself) and then :func:`tensors_hash`: editing any field or any tensor changes it."""
+    meta = {k: v for k, v in metadata.items() if k != CONTENT_HASH}
+    canon = json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    h = hashlib.sha256()
+    h.update(len(canon).to_bytes(8, "big"))
+    h.update(canon)
+    h.update(tensors_hash(tensors).encode())
     return h.hexdigest()
 
 
@@ -77,6 +102,49 @@ def remove_orphans(path: str | Path) -> list[Path]:
         if m and m["host"] == _HOST and not _alive(int(m["pid"])):
             p.unlink(missing_ok=True)
             removed.append(p)
+    return removed
+
+
+def temp_tag() -> str:
+    """``host@pid@``: put in a temporary file's or folder's name so that
+    :func:`remove_stale_temps` can tell whether its writer still runs."""
+    return f"{_HOST}@{os.getpid()}@"
+
+
+_TAG = re.compile(r"@(\d+)@")
+
+
+def remove_stale_temps(
+    directory: str | Path, prefix: str, suffix: str = "", *, legacy_age_s: float = 3600.0
+) -> list[Path]:
+    """Delete files or folders in ``directory`` named ``prefix…suffix`` whose writer is gone:
+    tagged by :func:`temp_tag` with this host and a process id that no longer runs, or untagged
+    (written by an older version) and not modified for ``legacy_age_s`` seconds. Another host's
+    or a live process's temporaries are never touched. Returns what was removed."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        name = p.name
+        if not (name.startswith(prefix) and name.endswith(suffix)) or name == prefix:
+            continue
+        tag = _TAG.search(name[len(prefix) :])
+        if tag is not None:
+            mine = name[len(prefix) :].startswith(f"{_HOST}@{tag.group(1)}@")
+            if not mine or _alive(int(tag.group(1))):
+                continue
+        else:
+            try:
+                if time.time() - p.lstat().st_mtime < legacy_age_s:
+                    continue
+            except OSError:
+                continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     return removed
 
 
@@ -134,7 +202,8 @@ def _canonical_header(data: bytes) -> list[bytes | memoryview]:
 def atomic_save_safetensors(
     tensors: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, Any] | None = None
 ) -> None:
-    """Save tensors with string metadata (non-strings JSON-encoded) and a content hash.
+    """Save tensors with string metadata (non-strings JSON-encoded) and a content hash over
+    both (:func:`content_hash`).
 
     Atomic (temp file, fsync, rename) and byte-deterministic: equal tensors and metadata give
     an identical file. The file is serialised in memory first (peak memory: the tensors plus
@@ -145,7 +214,9 @@ def atomic_save_safetensors(
     path = Path(path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     meta["format"] = FORMAT
-    meta[CONTENT_HASH] = tensors_hash(tensors)
+    meta[HASH_SCOPE] = SCOPE
+    meta.pop(CONTENT_HASH, None)
+    meta[CONTENT_HASH] = content_hash(tensors, meta)
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, meta)
     atomic_write_bytes(_canonical_header(data), path)
 
@@ -159,27 +230,36 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_safetensors_checked(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Load a file written by :func:`atomic_save_safetensors`, verifying its content hash."""
+    """Load a file written by :func:`atomic_save_safetensors`, verifying its content hash (over
+    tensors and metadata) and that floating tensors are finite. Any failure is an
+    :class:`ArtifactError` naming the file; a missing file is a ``FileNotFoundError``."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"artifact not found: {path}")
     try:
         tensors = load_file(str(path))
         meta = read_metadata(path)
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as e:
+        raise ArtifactError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {str(e)[:300]}"
         ) from e
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} was not written by alphasteer_lens (metadata 'format' missing)")
+        raise ArtifactError(
+            f"{path} was not written by alphasteer_lens (metadata 'format' missing)"
+        )
+    if meta.get(HASH_SCOPE) != SCOPE:
+        raise ArtifactError(
+            f"{path} was written by an older alphasteer_lens whose hash did not cover the "
+            "metadata, so its fields cannot be trusted; save it again with this version"
+        )
     expected = meta.get(CONTENT_HASH)
-    actual = tensors_hash(tensors)
+    actual = content_hash(tensors, meta)
     if expected != actual:
-        raise ValueError(
-            f"{path}: content hash mismatch (metadata {expected}, tensors {actual}); "
-            "the file was modified or corrupted"
+        raise ArtifactError(
+            f"{path}: content hash mismatch (metadata {str(expected)[:64]}, content {actual}); "
+            "the tensors or a metadata field were modified, or the file is corrupted"
         )
     for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{path}: tensor {name!r} contains NaN or inf")
+        if t.is_floating_point() and not torch.isfinite(t.float()).all():
+            raise ArtifactError(f"{path}: tensor {name!r} contains NaN or inf")
     return tensors, meta

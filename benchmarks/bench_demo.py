@@ -1,8 +1,9 @@
 """Benchmark 5: the demo's wall time end to end, and where it goes.
 
 The demo is timed by itself: ``alphasteer-lens demo`` writes ``runs/demo/report.json`` with the
-total (``seconds``) and per-step ``timings``. This script prints them as a profile; pass
-``--run`` to run the demo first (tens of minutes on a 2-core CPU).
+total (``seconds``), per-step ``timings`` and peak memory. This script prints them as a profile;
+pass ``--run`` to run the demo first (minutes on a 2-core CPU; ``--force`` is implied), with
+``--quick`` for the smoke settings and ``--layers 14-18`` to skip the automatic layer choice.
 
     python benchmarks/bench_demo.py [--report runs/demo/report.json] [--run] [--quick]
 """
@@ -19,11 +20,16 @@ def main() -> None:
     p.add_argument("--report", type=Path, default=Path("runs/demo/report.json"))
     p.add_argument("--run", action="store_true", help="run the demo first")
     p.add_argument("--quick", action="store_true", help="with --run: the quick demo")
+    p.add_argument("--layers", default=None, help="with --run: fixed layers, e.g. 14-18")
     args = p.parse_args()
     if args.run:
-        from alphasteer_lens.demo import DemoConfig, run_demo
+        from alphasteer_lens.experiments.cli import main as cli
 
-        run_demo(args.report.parent, DemoConfig.quick() if args.quick else DemoConfig())
+        argv = ["demo", "--out", str(args.report.parent), "--force"]
+        argv += ["--quick"] if args.quick else []
+        argv += ["--layers", args.layers] if args.layers else []
+        if cli(argv) != 0:
+            raise SystemExit("the demo failed")
     if not args.report.exists():
         raise SystemExit(f"{args.report} not found: run `alphasteer-lens demo` or pass --run")
     report = json.loads(args.report.read_text())

@@ -42,7 +42,7 @@ def main() -> None:
     def bridge(steering=None):  # type: ignore[no-untyped-def]
         def run() -> torch.Tensor:
             ctx = (
-                steer(model, steering, 1.0, prompt_len=batch.prompt_len)
+                steer(model, steering, 1.0, prompt=batch.prompt())
                 if steering is not None
                 else torch.no_grad()
             )

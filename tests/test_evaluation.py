@@ -12,7 +12,6 @@ import torch
 
 from alphasteer_lens import evaluation as ev
 from alphasteer_lens.chat import encode_chat
-from alphasteer_lens.comparison import best_tradeoff, tradeoff_table, write_report
 from alphasteer_lens.evaluation import (
     EvalSet,
     Method,
@@ -21,6 +20,7 @@ from alphasteer_lens.evaluation import (
     forced_logits,
     greedy_tokens,
 )
+from alphasteer_lens.experiments.compare import best_tradeoff, tradeoff_table, write_report
 from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.metrics import (
     exact_match,
@@ -32,7 +32,7 @@ from alphasteer_lens.metrics import (
     token_kl,
     unchanged_fraction,
 )
-from alphasteer_lens.steering import ActAdd
+from alphasteer_lens.steering import ActAdd, Composition
 
 PROMPTS = ("Tell me a story.", "hi", "How do I bake bread at home?", "abc", "List three birds.")
 
@@ -191,6 +191,35 @@ def test_compare_against_independent_paths(tiny) -> None:  # type: ignore[no-unt
     steered = generate(tiny, prompts, steering=act, strength=3.0, max_new_tokens=6, progress=False)
     assert v["actadd", 3.0, "unchanged"] == pytest.approx(unchanged_fraction(steered, base))
     assert v["actadd", 3.0, "refusal_rate"] == refusal_rate(steered)
+
+
+def test_per_method_strengths_generations_kl_off_and_compositions(tiny) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(2)
+    a = ActAdd((1,), torch.randn(1, 64, generator=gen))
+    b = ActAdd((2,), torch.randn(1, 64, generator=gen))
+    both = Composition(((a, 1.0), (b, 0.5)))
+    prompts = list(PROMPTS[:3])
+    df = ev.compare_methods(
+        tiny,
+        {"vanilla": None, "a": a, "both": both},
+        {"a": [1.0, 2.0], "both": [3.0]},
+        {"harmful": prompts},
+        max_new_tokens=4,
+        kl=False,
+        batch_size=2,
+        progress=False,
+    )
+    runs = set(zip(df.method, df.strength, strict=True))
+    assert runs == {("vanilla", 0.0), ("a", 1.0), ("a", 2.0), ("both", 3.0)}
+    kl = df[df.metric == "first_token_kl"].set_index("method").value
+    assert kl["vanilla"] == 0.0 and math.isnan(kl["both"])  # KL passes skipped
+    texts = df.attrs["generations"]
+    assert list(texts.columns[:4]) == ["method", "strength", "prompt_set", "prompt_index"]
+    assert len(texts) == 4 * len(prompts) and set(texts.prompt) == set(prompts)
+    steered = generate(tiny, prompts, steering=a, strength=2.0, max_new_tokens=4, progress=False)
+    assert texts[(texts.method == "a") & (texts.strength == 2.0)].text.tolist() == steered
+    with pytest.raises(ValueError, match="no strengths for method"):
+        ev.compare_methods(tiny, {"a": a}, {"b": [1.0]}, {"h": prompts}, progress=False)
 
 
 def test_reference_perplexity_equals_hf_forward(tiny, hf_tiny) -> None:  # type: ignore[no-untyped-def]

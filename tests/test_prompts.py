@@ -263,6 +263,82 @@ def test_load_errors(tmp_path: Path) -> None:
         load_prompts(write(tmp_path / "dup.txt", "a\nb\na\n"))
 
 
+# ---------------------------------------------------------------- hostile files (defect 9)
+
+
+@pytest.mark.parametrize("ext", [".txt", ".json", ".jsonl", ".csv"])
+def test_non_utf8_file_names_the_file_and_suggests_the_encoding(tmp_path: Path, ext: str) -> None:
+    """Used to be a bare UnicodeDecodeError with no file name."""
+    body = {".txt": "caf\u00e9\n", ".json": '["caf\u00e9"]', ".jsonl": '"caf\u00e9"\n'}
+    f = tmp_path / f"latin{ext}"
+    f.write_bytes(body.get(ext, "prompt\ncaf\u00e9\n").encode("cp1252"))
+    with pytest.raises(P.PromptFileError) as err:
+        load_prompts(f)
+    msg = str(err.value)
+    assert str(f) in msg and "not valid UTF-8" in msg and "cp1252" in msg and "iconv" in msg
+    utf16 = tmp_path / f"wide{ext}"
+    utf16.write_bytes(body.get(ext, "prompt\ncaf\u00e9\n").encode("utf-16"))
+    with pytest.raises(P.PromptFileError, match="UTF-16"):
+        load_prompts(utf16)
+
+
+@pytest.mark.parametrize(
+    ("ext", "text"),
+    [
+        (".txt", "first\nsecond\n"),
+        (".json", '["first", "second"]'),
+        (".jsonl", '{"prompt": "first"}\n{"prompt": "second"}\n'),
+        (".csv", "prompt\nfirst\nsecond\n"),
+    ],
+)
+def test_utf8_bom_is_stripped(tmp_path: Path, ext: str, text: str) -> None:
+    """The BOM used to stay in the first prompt (or broke JSON / the CSV header)."""
+    f = tmp_path / f"bom{ext}"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_prompts(f).prompts == ("first", "second")
+
+
+def test_deep_json_nesting_is_the_packages_error(tmp_path: Path) -> None:
+    """Used to be a raw RecursionError."""
+    for ext, text in ((".json", "[" * 200_000), (".jsonl", "{}\n" + "[" * 200_000)):
+        f = write(tmp_path / f"deep{ext}", text)
+        with pytest.raises(
+            P.PromptFileError, match=r"malformed JSON in .*deep.* nested too deeply"
+        ):
+            load_prompts(f)
+
+
+def test_garbage_parquet_is_the_packages_error(tmp_path: Path) -> None:
+    """Used to be a raw pyarrow error."""
+    pytest.importorskip("pyarrow")
+    for i, data in enumerate([b"PAR1" + bytes(range(256)) * 4 + b"PAR1", b"not parquet", b""]):
+        f = tmp_path / f"junk{i}.parquet"
+        f.write_bytes(data)
+        with pytest.raises(P.PromptFileError, match=rf"malformed parquet in .*junk{i}.parquet"):
+            load_prompts(f)
+
+
+@pytest.mark.parametrize(
+    "bad", ["\x00", "\x1b[0m\x00", "\u200b\u200c\u200d", "\ufeff", "\u2060 \t\x7f", "\u2028"]
+)
+def test_prompts_empty_after_normalisation_are_refused_with_their_index(
+    tmp_path: Path, bad: str
+) -> None:
+    """NUL / escape / zero-width-only prompts used to be accepted."""
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        ps(["fine", bad])
+    f = write(tmp_path / "z.json", json.dumps(["fine", "also fine", bad]))
+    with pytest.raises(P.PromptFileError, match=r"z.json: .*prompt 2 is empty"):
+        load_prompts(f)
+    assert ps(["fine", "a\u200bb", "\x1b[1mbold"]).prompts[1] == "a\u200bb"  # visible text stays
+
+
+def test_lone_surrogate_is_refused(tmp_path: Path) -> None:
+    f = write(tmp_path / "s.json", '["ok", "x\\ud800"]')
+    with pytest.raises(P.PromptFileError, match="prompt 1 contains a lone surrogate"):
+        load_prompts(f)
+
+
 def test_load_hf_dataset_uses_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple] = []
 
@@ -410,10 +486,11 @@ def test_shared_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(P.SHARED_DATA_ENV, str(root))
     assert len(P.shared_data("alphasteer/benign_train")) == 2
     monkeypatch.delenv(P.SHARED_DATA_ENV)
-    deep = tmp_path / "project" / "notebooks"
+    deep = tmp_path / "shared" / "notebooks"
     deep.mkdir(parents=True)
-    monkeypatch.chdir(deep)  # found by searching upward from the working directory
-    assert len(P.shared_data("alphasteer/benign_train")) == 2
+    monkeypatch.chdir(deep)  # no guessing from the working directory: root or env var only
+    with pytest.raises(FileNotFoundError, match="no data directory given"):
+        P.shared_data("alphasteer/benign_train")
     with pytest.raises(FileNotFoundError, match="no shared data set 'alphasteer/nope'"):
         P.shared_data("alphasteer/nope", root=root)
     with pytest.raises(FileNotFoundError, match="shared data folder not found"):

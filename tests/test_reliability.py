@@ -3,6 +3,7 @@ determinism, resource limits and the math's invariances (see docs/RELIABILITY.md
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from alphasteer_lens.nullspace import null_space
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.steering import ActAdd, steer
 from alphasteer_lens.storage import (
+    ArtifactError,
     atomic_save_safetensors,
     atomic_write_json,
     load_safetensors_checked,
@@ -118,13 +120,17 @@ def test_model_producing_nan_is_caught_naming_hook_and_prompt(tiny) -> None:  # 
 
 
 def test_artifact_with_unknown_hook_is_refused(tmp_path: Path, tiny) -> None:  # type: ignore[no-untyped-def]
-    act = ActAdd((0,), torch.ones(1, 64), hook_template="blocks.{layer}.hook_resid_nowhere")
-    path = save_steering(act, tmp_path / "h.safetensors")
-    with pytest.raises(ValueError, match="hook 'blocks.0.hook_resid_nowhere' does not exist"):
+    """A template outside the known hook points is refused when a steering is built and when a
+    stored one is loaded (a hook the model lacks: test_artifacts.py::
+    test_hook_names_are_checked_against_the_model)."""
+    bad = "blocks.{layer}.hook_resid_nowhere"
+    with pytest.raises(ValueError, match=r"hook template 'blocks.\{layer\}.hook_resid_nowhere'"):
+        ActAdd((0,), torch.ones(1, 64), hook_template=bad)
+    path = tmp_path / "h.safetensors"
+    meta = {"kind": "actadd", "layers": [0], "hook_template": bad}
+    atomic_save_safetensors({"vectors": torch.ones(1, 64)}, path, meta)
+    with pytest.raises(ArtifactError, match="'hook_template'.*is not allowed"):
         load_steering(path, model=tiny)
-    # applied without loading, the unknown hook is an error too, never a silent no-op
-    with pytest.raises((KeyError, ValueError), match="does not exist"), steer(tiny, act):
-        pass
 
 
 @pytest.mark.parametrize(
@@ -147,7 +153,11 @@ def test_artifact_with_unknown_hook_is_refused(tmp_path: Path, tiny) -> None:  #
         ),
         (
             {"w": torch.zeros(1, 4)},
-            {"kind": "alphasteer", "layers": [0]},
+            {
+                "kind": "alphasteer",
+                "layers": [0],
+                "fit": {"alpha": 1.0, "ratio": 0.5, "tol": None, "leakage": []},
+            },
             "tensor 'r' is missing",
         ),
     ],
@@ -500,6 +510,7 @@ def _randn(seed: int, *shape: int) -> torch.Tensor:
 def test_projector_idempotent_symmetric_property(
     seed: int, d: int, extra: int, ratio: float
 ) -> None:
+    ratio = min(ratio, (d - 1) / d)  # k = d_model is refused
     if round(ratio * d) < 1:
         ratio = 1 / d
     hb = _randn(seed, d + extra, d) * torch.logspace(0, 3, d, dtype=torch.float64)
@@ -534,3 +545,129 @@ def test_fit_invariant_to_prompt_order_property(seed: int, d: int, data: st.Data
     assert torch.allclose(a.w, b.w, rtol=1e-5, atol=1e-7)
     assert torch.equal(a.r, b.r)
     assert a.leakage == pytest.approx(b.leakage, rel=1e-6, abs=1e-12)
+
+
+# ---------------------------------------------------------------- the converted embedded model
+
+
+def _fake_build(calls: list[Path]):  # type: ignore[no-untyped-def]
+    """Stands in for the 30-second GGUF conversion: writes a tiny folder and its manifest."""
+    from alphasteer_lens import models
+
+    def build(target: Path) -> Path:
+        calls.append(target)
+        staging = target.parent / "staging"
+        staging.mkdir(parents=True)
+        (staging / "config.json").write_text('{"hidden_size": 576}')
+        (staging / "model.safetensors").write_bytes(b"w" * 4096)
+        models._write_manifest(staging)
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return target
+
+    return build
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncate", "model.safetensors has 100 bytes, alphasteer_manifest.json records 4096"),
+        ("replace", "model.safetensors: sha256 differs"),
+        ("config", "config.json has"),
+        ("no_manifest", "alphasteer_manifest.json is missing"),
+        ("bad_manifest", "alphasteer_manifest.json is unreadable"),
+        ("extra_file", "differ from alphasteer_manifest.json"),
+    ],
+)
+def test_converted_model_folder_is_verified_and_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str, reason: str
+) -> None:
+    """Defect 3: the folder was trusted by name (two files existing): a random model in its place
+    was reported as SmolLM2, a truncated model.safetensors gave a raw SafetensorError forever.
+    Now its files are checked against the manifest written at conversion; a mismatch rebuilds."""
+    from alphasteer_lens import models, sources
+
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    calls: list[Path] = []
+    monkeypatch.setattr(models, "_build_embedded", _fake_build(calls))
+    target = models.embedded_model_dir()
+    assert calls == [target] and models.verify_model_dir(target) is None
+    assert models.embedded_model_dir() == target and len(calls) == 1  # verified: no rebuild
+    weights = target / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "replace":
+        weights.write_bytes(b"x" * 4096)  # same size, other content: a different model
+    elif damage == "config":
+        (target / "config.json").write_text('{"hidden_size": 4096, "other": "model"}')
+    elif damage == "no_manifest":
+        (target / models.MANIFEST).unlink()  # built by the old code
+    elif damage == "bad_manifest":
+        (target / models.MANIFEST).write_text("[" * 100_000)
+    else:
+        (target / "pytorch_model.bin").write_bytes(b"surprise")
+    with pytest.warns(RuntimeWarning, match=f"does not match its manifest.*{reason}"):
+        assert models.embedded_model_dir() == target
+    assert len(calls) == 2 and models.verify_model_dir(target) is None
+    assert weights.read_bytes() == b"w" * 4096
+
+
+def test_stale_model_staging_folders_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from alphasteer_lens import models, sources
+    from alphasteer_lens.storage import temp_tag
+
+    monkeypatch.setenv(sources.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_build_embedded", _fake_build([]))
+    folder = tmp_path / "cache" / "models"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = folder / f".staging-{temp_tag().split('@')[0]}@{dead.pid}@x"
+    live = folder / f".staging-{temp_tag()}y"
+    for p in (stale, live):
+        (p / "sub").mkdir(parents=True)
+    models.embedded_model_dir()
+    assert not stale.exists() and live.exists()
+
+
+@pytest.mark.smollm
+def test_real_embedded_model_has_a_manifest_and_the_recorded_shape(smollm) -> None:  # type: ignore[no-untyped-def]
+    from alphasteer_lens import models
+
+    target = models.embedded_model_dir()
+    assert models.verify_model_dir(target) is None
+    files = json.loads((target / models.MANIFEST).read_text())["files"]
+    assert files["model.safetensors"]["size"] == (target / "model.safetensors").stat().st_size
+    assert (int(smollm.cfg.d_model), int(smollm.cfg.n_layers)) == (
+        models.EMBEDDED_D_MODEL,
+        models.EMBEDDED_N_LAYERS,
+    )
+
+
+def test_audit_vector_of_the_wrong_width_fails_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 10: a vector of the wrong width was found only after the model and prompt sets
+    had loaded (minutes). Now the file is read and checked against the embedded model's known
+    shape first."""
+    from alphasteer_lens.experiments import audit
+    from alphasteer_lens.experiments import recipe as R
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing may load for a vector that cannot fit the model")
+
+    monkeypatch.setattr(R, "load", no_model)
+    monkeypatch.setattr(R, "preflight", no_model)
+    for vector, match in [
+        (ActAdd((3,), torch.ones(1, 64)), "d_model=64 but the embedded SmolLM2 has d_model=576"),
+        (ActAdd((31,), torch.ones(1, 576)), r"layers \[31\] out of range for the 30-layer"),
+    ]:
+        path = save_steering(vector, tmp_path / "v.safetensors")
+        cfg = audit.AuditConfig(vector=str(path), quick=True)
+        with pytest.raises(ValueError, match=match):
+            audit.run_audit(tmp_path / "out", cfg, progress=False)
+    assert not (tmp_path / "out").exists()

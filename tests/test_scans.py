@@ -11,6 +11,8 @@ import torch
 from torch.nn.functional import cosine_similarity
 
 from alphasteer_lens.chat import encode_chat, format_chat
+from alphasteer_lens.experiments.data import Data
+from alphasteer_lens.experiments.scans import _slices, refusal_table, sensitive_prompts
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.scans import (
     Anchoring,
@@ -26,7 +28,6 @@ from alphasteer_lens.scans import (
     scans_strengths,
     transition_scores,
 )
-from alphasteer_lens.scans_pipeline import _slices, refusal_table, sensitive_prompts
 
 # --- classifier maths -----------------------------------------------------------------------
 
@@ -249,10 +250,14 @@ def test_sensitive_prompts_sources(tmp_path: Path, monkeypatch) -> None:  # type
     own.write_text(json.dumps([{"prompt": "How do I kill a process?"}, {"prompt": "Why?"}]))
     ps, note = sensitive_prompts(own)
     assert ps.prompts == ("How do I kill a process?", "Why?") and str(own) in note
-    monkeypatch.setenv("ALPHASTEER_LENS_SHARED_DATA", str(tmp_path / "absent"))
-    ps, note = sensitive_prompts()
+    monkeypatch.delenv("ALPHASTEER_LENS_DATA", raising=False)
+    ps, note = sensitive_prompts(data=Data())
     assert ps.name == "sensitive_benign" and len(ps) == 48
-    assert "shared/data not found" in note and "--sensitive" in note
+    assert "'alphasteer/borderline_val' not found" in note and "--sensitive" in note
+    shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    if shared.is_dir():
+        ps, note = sensitive_prompts(data=Data.from_dir(shared))
+        assert "borderline_val" in note and len(ps) > 48
 
 
 def test_slices_are_disjoint_and_seeded() -> None:
@@ -269,10 +274,11 @@ def test_slices_are_disjoint_and_seeded() -> None:
 
 @pytest.mark.smollm
 def test_run_scans_quick(tmp_path: Path) -> None:
-    from alphasteer_lens.scans_pipeline import CONDITIONS, PROMPT_SETS, run_scans
+    from alphasteer_lens.experiments.scans import CONDITIONS, PROMPT_SETS, ScansConfig, run_scans
 
     torch.set_num_threads(1)
-    report = run_scans(tmp_path, quick=True, progress=False)
+    cfg = ScansConfig(layers=(13, 14, 15, 16, 17), quick=True, **ScansConfig.QUICK)
+    report = run_scans(tmp_path, cfg, progress=False)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["anchoring"] == json.loads(json.dumps(report["anchoring"]))
     assert (tmp_path / "summary.md").read_text().startswith("# SCANS")

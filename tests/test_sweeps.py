@@ -178,7 +178,9 @@ def test_layer_sweep_generation_mode(tiny) -> None:  # type: ignore[no-untyped-d
         gen_b = generate(tiny, EVAL_B, max_new_tokens=6, **kw)  # type: ignore[arg-type]
         assert row.harmful_refusal_gen == np.mean(JUDGE.judge(gen_h))
         assert row.benign_refusal_gen == np.mean(JUDGE.judge(gen_b))
-        assert row.harmful_refusal == row.harmful_refusal_gen
+        assert row.harmful_refusal == np.mean(JUDGE.judge(gen_h))  # the mode's rate
+        h_scores = refusal_score(next_token_logits(tiny, EVAL_H, **kw), IDS)  # type: ignore[arg-type]
+        assert row.harmful_refusal_logit == float((h_scores > 0).double().mean())
         unchanged = np.mean([a == b for a, b in zip(gen_b, vanilla_b, strict=True)])
         assert row.benign_unchanged == unchanged
     assert df.attrs["vanilla"]["benign_unchanged"] == 1.0
@@ -221,7 +223,10 @@ def test_strength_and_ratio_sweeps(tiny) -> None:  # type: ignore[no-untyped-def
     for row in ratios.itertuples():
         fitted = AlphaSteer.fit(benign, malicious, refusal, layers=[1, 2], ratio=row.ratio)
         assert row.leakage == pytest.approx(float(np.mean(fitted.leakage)), rel=1e-9)
-        assert row.harmful_score == pytest.approx(ev.evaluate(fitted, 1.0)["harmful_score"])
+        logits_h = next_token_logits(tiny, EVAL_H, steering=fitted, strength=1.0, progress=False)
+        assert row.harmful_score == pytest.approx(
+            refusal_score(logits_h, IDS).mean().item(), rel=1e-6
+        )  # recomputed by hand, not through the evaluate() the sweep itself calls
     assert ratios.leakage.iloc[0] < ratios.leakage.iloc[1]  # a larger null space leaks more
 
 

@@ -1,28 +1,37 @@
-"""The audit pipeline on the embedded SmolLM2 (``alphasteer-lens audit``): prompt sets from the
-pinned wheels and the package, the built-in compliance and JSON vectors (or a user's vector), one
-:class:`~alphasteer_lens.audit.Auditor`, and a report with figures."""
+"""The audit pipeline (``alphasteer-lens audit``): prompt sets from the pinned wheels, the package
+and the data directory, the built-in compliance and JSON vectors (or a user's vector), one
+:class:`~alphasteer_lens.audit.Auditor`, and a report with figures, on any chat model."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 
-from alphasteer_lens.audit import Auditor, AuditSets
+from alphasteer_lens.audit import Auditor, AuditSets, point_of
+from alphasteer_lens.experiments import recipe as R
+from alphasteer_lens.experiments.config import ConfigError, RunConfig
+from alphasteer_lens.experiments.data import Data
+from alphasteer_lens.experiments.layers import LayerChoice, candidate_layers, choose_layers
+from alphasteer_lens.experiments.manifest import write_manifest
+from alphasteer_lens.experiments.report import Clock, markdown_table, peak_rss_mib
+from alphasteer_lens.experiments.scans import check_chat
+from alphasteer_lens.hookpoints import RESID_PRE
+from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.steering import ActAdd
 from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
 
 
 @dataclass(frozen=True)
-class AuditConfig:
-    """Settings of :func:`run_audit`. Layers are the demo's AlphaSteer layers, so the
-    ``+alphasteer`` mitigation is the configuration reported there."""
+class AuditConfig(RunConfig):
+    """The audit's own settings. The vectors and the ``+alphasteer`` mitigation sit at the base
+    config's ``layers`` (chosen on the fit prompts when None). ``vector``: a user's steering
+    vector (safetensors or GGUF) to audit instead of the built-in ones."""
 
-    seed: int = 0
-    layers: tuple[int, ...] = (14, 15, 16, 17, 18)
     compliance_strength: float = 0.1
     json_strength: float = 1.0
     n_build: int = 128
@@ -30,22 +39,24 @@ class AuditConfig:
     n_json: int = 16
     n_fit_harmful: int = 256
     n_fit_harmless: int = 640
-    max_new_tokens: int = 24
     json_tokens: int = 64
-    batch_size: int = 16
     reference: bool = True
+    vector: str | None = None
 
-    @classmethod
-    def quick(cls, seed: int = 0) -> AuditConfig:
-        """A smoke run of about a minute: few prompts, short answers, no AlphaSteer-only row."""
-        return cls(
-            seed=seed, n_build=8, n_eval=4, n_json=3, n_fit_harmful=48, n_fit_harmless=64,
-            max_new_tokens=8, json_tokens=16, reference=False,
-        )  # fmt: skip
+    QUICK: ClassVar[dict[str, Any]] = {
+        "n_build": 8, "n_eval": 4, "n_json": 3, "n_fit_harmful": 48, "n_fit_harmless": 64,
+        "max_new_tokens": 8, "json_tokens": 16, "reference": False, "n_select": 8,
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_chat(self)
+        if self.vector is not None and not Path(self.vector).is_file():
+            raise ConfigError(f"--vector {self.vector}: no such file")
 
 
-def default_sets(cfg: AuditConfig) -> tuple[AuditSets, list[str], list[str]]:
-    """Audit sets from the pinned wheels, the package and (if found) ``shared/data``: harmful =
+def default_sets(cfg: AuditConfig, data: Data) -> tuple[AuditSets, list[str], list[str]]:
+    """Audit sets from the pinned wheels, the package and the data directory: harmful =
     held-out HarmBench and Do-Not-Answer (which this model refuses more often); jailbreak = the
     held-out HarmBench prompts in the four simple templates; compliance = borderline-but-benign
     requests (``alphasteer/borderline_val``) or held-out benign instructions; JSON = held-out
@@ -55,12 +66,13 @@ def default_sets(cfg: AuditConfig) -> tuple[AuditSets, list[str], list[str]]:
     from alphasteer_lens.benign_vectors import JSON_SUFFIX
 
     n, seed, notes = cfg.n_eval, cfg.seed, []
-    benign = P.benign_instructions().deduplicated()
+    benign = data.prompts("builtin_benign").deduplicated()
     benign = benign.sample(cfg.n_build + cfg.n_json + cfg.n_fit_harmless + n, seed=seed)
     cut = np.cumsum([cfg.n_build, cfg.n_json, cfg.n_fit_harmless])
     build, json_set, fit_harmless, held = np.split(np.array(benign.prompts, dtype=object), cut)
-    dna = P.do_not_answer().deduplicated().sample(cfg.n_fit_harmful // 2 + n, seed=seed)
-    hb_fit, hb_test = P.harmbench().split((0.5, 0.5), seed=seed)
+    dna = data.prompts("do_not_answer").deduplicated()
+    dna = dna.sample(min(cfg.n_fit_harmful // 2 + n, len(dna)), seed=seed)
+    hb_fit, hb_test = data.prompts("harmbench").split((0.5, 0.5), seed=seed)
     n_hb = cfg.n_fit_harmful // 2
     hb_eval = hb_test.sample(min(n, len(hb_test)), seed=seed)
     names = [k for k in P.jailbreak_templates() if k.startswith("simple/")]
@@ -68,11 +80,12 @@ def default_sets(cfg: AuditConfig) -> tuple[AuditSets, list[str], list[str]]:
     jail = [
         templates[names[i % len(names)]].replace(P.PROMPT_SLOT, p) for i, p in enumerate(hb_eval)
     ]
-    try:
-        compliance = list(P.shared_data("alphasteer/borderline_val").sample(n, seed=seed))
-    except FileNotFoundError as err:
+    border = data.optional("alphasteer/borderline_val")
+    if border is not None:
+        compliance = list(border.sample(min(n, len(border)), seed=seed))
+    else:
         compliance = list(held)
-        notes.append(f"shared/data not found ({err}): compliance measured on benign instructions")
+        notes.append(f"{data.notes[-1]}: compliance measured on held-out benign instructions")
     sets = AuditSets(
         harmful={"harmbench": list(hb_eval), "donotanswer": list(dna.prompts[:n])},
         jailbreak=jail,
@@ -84,57 +97,108 @@ def default_sets(cfg: AuditConfig) -> tuple[AuditSets, list[str], list[str]]:
     return sets, list(build), notes
 
 
+def _auto_layers(model: Any, auditor: Auditor, cfg: AuditConfig, build: list[str]) -> LayerChoice:
+    """Layers chosen with the auditor's own refusal directions (fit prompts: harmful side, and
+    the vector-building benign prompts)."""
+    if cfg.layers is not None:
+        return LayerChoice(tuple(cfg.layers), "given")
+    stride = candidate_layers(
+        int(model.cfg.n_layers), skip_last=cfg.skip_last, stride=cfg.select_stride
+    )
+    refusal = {layer: auditor.refusal(point_of(RESID_PRE, layer)) for layer in stride}
+    n = cfg.n_select
+    return choose_layers(
+        model, refusal, list(auditor.sets.fit_harmful[:n]), build[:n],
+        width=cfg.n_steer_layers, skip_last=cfg.skip_last, strength=cfg.select_strength,
+        batch_size=cfg.batch_size,
+    )  # fmt: skip
+
+
 def run_audit(
-    out: str | Path,
+    out: str | Path | None = None,
+    cfg: AuditConfig | None = None,
     *,
-    vector_path: str | Path | None = None,
-    quick: bool = False,
-    config: AuditConfig | None = None,
+    data: Data | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Audit on the embedded SmolLM2: the built-in compliance and JSON vectors, or the vector in
-    ``vector_path`` (safetensors or GGUF). Writes ``report.json``, ``summary.md`` and one figure
-    per vector (``audit_{name}.html``, and ``.png`` when a browser is installed)."""
-    from alphasteer_lens.audit_report import summary_markdown  # noqa: I001
-    from alphasteer_lens.benign_vectors import compliance_vector, json_vector, load_vector
-    from alphasteer_lens.models import load_model, model_name
+    """The audit: the built-in compliance and JSON vectors, or ``cfg.vector`` (safetensors or
+    GGUF). Writes ``report.json``, ``summary.md``, ``manifest.json`` and one figure per vector
+    (``audit_{name}.html``, and ``.png`` when a browser is installed)."""
+    from alphasteer_lens.benign_vectors import (
+        check_embedded_fit,
+        compliance_vector,
+        json_vector,
+        load_vector,
+    )
+    from alphasteer_lens.models import model_name
+    from alphasteer_lens.storage import ArtifactError
     from alphasteer_lens.viz import save_figure
 
-    cfg = config or (AuditConfig.quick() if quick else AuditConfig())
-    out = Path(out)
+    cfg = cfg or AuditConfig()
+    if cfg.vector is not None and cfg.model is None:  # fails before minutes of loading
+        try:
+            check_embedded_fit(load_vector(cfg.vector), cfg.vector)
+        except ArtifactError as err:
+            raise ConfigError(str(err)) from None
+    out = Path(out or cfg.out or "runs/audit")
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model = load_model()
-    sets, build, notes = default_sets(cfg)
-    kw: dict[str, Any] = {"batch_size": cfg.batch_size, "progress": progress}
-    jobs: list[tuple[str, ActAdd, float, tuple[str, ...]]]
-    if vector_path is not None:
-        vector = load_vector(vector_path, model=model)
-        jobs = [(Path(vector_path).stem, vector, 1.0, ("compliance", "json"))]
-    else:
-        jobs = [
-            ("compliance", compliance_vector(model, build, cfg.layers, **kw),
-             cfg.compliance_strength, ("compliance",)),
-            ("json", json_vector(model, build, cfg.layers, **kw), cfg.json_strength, ("json",)),
-        ]  # fmt: skip
+    data = data if data is not None else R.preflight(cfg)
+    clock = Clock()
+    model, _ = R.load(cfg)
+    sets, build, notes = default_sets(cfg, data)
+    record = {
+        "build": PromptSet("build", tuple(build), "builtin_benign"),
+        "fit_harmful": PromptSet("fit_harmful", tuple(sets.fit_harmful), "wheels"),
+        "fit_harmless": PromptSet("fit_harmless", tuple(sets.fit_harmless), "builtin_benign"),
+    }
+    write_manifest(
+        out, "audit", cfg, model=model, layers=None, data=record, notes=data.notes,
+        threads=R.threads(),
+    )  # fmt: skip
+    clock.lap("load")
     auditor = Auditor.create(
         model, sets, max_new_tokens=cfg.max_new_tokens, json_tokens=cfg.json_tokens,
-        batch_size=cfg.batch_size, cache=not quick, progress=progress,
+        batch_size=cfg.batch_size, cache=not cfg.quick, progress=progress,
     )  # fmt: skip
+    clock.lap("vanilla")
+    choice = _auto_layers(model, auditor, cfg, build)
+    layers = list(choice.layers)
+    kw: dict[str, Any] = {"batch_size": cfg.batch_size, "progress": progress}
+    jobs: list[tuple[str, ActAdd, float, tuple[str, ...]]]
+    if cfg.vector is not None:
+        try:
+            vector = load_vector(cfg.vector, model=model)
+        except ArtifactError as err:
+            raise ConfigError(str(err)) from None
+        jobs = [(Path(cfg.vector).stem, vector, 1.0, ("compliance", "json"))]
+    else:
+        jobs = [
+            ("compliance", compliance_vector(model, build, layers, **kw),
+             cfg.compliance_strength, ("compliance",)),
+            ("json", json_vector(model, build, layers, **kw), cfg.json_strength, ("json",)),
+        ]  # fmt: skip
+    write_manifest(
+        out, "audit", cfg, model=model, layers=choice.to_dict(), data=record, notes=data.notes,
+        threads=R.threads(),
+    )  # fmt: skip
+    clock.lap("vectors")
     results, figures = [], {}
     for name, vector, lam, gains in jobs:
         res = auditor.audit(vector, lam, name=name, gains=gains, reference=cfg.reference)
         results.append(res.to_dict())
         figures[name] = [str(p) for p in save_figure(res.figure, out / f"audit_{name}")]
+    clock.lap("audit")
     notes = [
-        f"Model {model_name(model)}; keyword judge on greedy answers ({cfg.max_new_tokens} new "
-        f"tokens, {cfg.json_tokens} for JSON); AlphaSteer ratio {auditor.ratio}, α "
-        f"{auditor.alpha}, λ {auditor.alphasteer_strength}; prompts per harmful set {cfg.n_eval}.",
+        f"Model {model_name(model)}; layers {layers} ({choice.how}); keyword judge on greedy "
+        f"answers ({cfg.max_new_tokens} new tokens, {cfg.json_tokens} for JSON); AlphaSteer "
+        f"ratio {auditor.ratio}, α {auditor.alpha}, λ {auditor.alphasteer_strength}; prompts per "
+        f"harmful set {cfg.n_eval}.",
         *notes,
     ]
     report: dict[str, Any] = {
         "model": model_name(model),
-        "config": asdict(cfg),
+        "config": cfg.to_dict(),
+        "layer_choice": choice.to_dict(),
         "data": {"build": len(build), "fit_harmful": len(sets.fit_harmful),
                  "fit_harmless": len(sets.fit_harmless), "jailbreak": len(sets.jailbreak),
                  "compliance": len(sets.compliance), "json": len(sets.json),
@@ -142,8 +206,27 @@ def run_audit(
         "results": results,
         "figures": figures,
         "notes": notes,
-        "seconds": round(time.perf_counter() - start, 1),
+        "timings": clock.steps,
+        "seconds": clock.total(),
+        "peak_rss_mib": peak_rss_mib(),
     }  # fmt: skip
     atomic_write_json(report, out / "report.json")
     atomic_write_bytes(summary_markdown(results, notes).encode(), out / "summary.md")
     return report
+
+
+def summary_markdown(results: Sequence[dict[str, Any]], notes: Sequence[str]) -> str:
+    """The audit summary: per vector its verdict, condition table and cosine table."""
+    lines = ["# Steering externalities audit", "", *notes, ""]
+    for res in results:
+        lines += [
+            f"## {res['name']} vector (λ = {res['strength']:g}, probe {res['probe_hook']})",
+            "",
+            res["verdict"],
+            "",
+            markdown_table(pd.DataFrame(res["table"]), index=False),
+            "",
+            markdown_table(pd.DataFrame(res["cosines"]), index=False),
+            "",
+        ]
+    return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The method comparison as a user reads it: a safety/utility table per (method, λ), a
 recommendation, a markdown/HTML report with the trade-off curve, and :func:`run_compare`, which
-runs vanilla, ActAdd, refusal addition and AlphaSteer side by side on the embedded model
-(``alphasteer-lens compare``).
+fits with the shared recipe and runs vanilla, ActAdd, refusal addition and AlphaSteer side by
+side on any model (``alphasteer-lens compare``).
 """
 
 from __future__ import annotations
@@ -9,15 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
-import torch
 
 from alphasteer_lens.evaluation import EvalSet, Method, compare_methods
-from alphasteer_lens.prompts import PromptSet
-from alphasteer_lens.steering import Steering
+from alphasteer_lens.experiments import recipe as R
+from alphasteer_lens.experiments.config import RunConfig
+from alphasteer_lens.experiments.data import Data
+from alphasteer_lens.experiments.manifest import write_manifest
+from alphasteer_lens.experiments.report import Clock, markdown_table, peak_rss_mib
+from alphasteer_lens.prompts import SIMPLE_TEMPLATES, PromptSet
+from alphasteer_lens.steering import ActAdd, Steering
 
 # --- tables, recommendation, report ---------------------------------------------------------
 
@@ -88,16 +92,6 @@ def tradeoff_plot(table: pd.DataFrame, *, title: str | None = None) -> go.Figure
     return fig
 
 
-def _markdown(df: pd.DataFrame, digits: int = 3) -> str:
-    head = [*df.index.names, *map(str, df.columns)]
-    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
-    for idx, row in df.iterrows():
-        keys = idx if isinstance(idx, tuple) else (idx,)
-        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join([*map(str, keys), *cells]) + " |")
-    return "\n".join(lines)
-
-
 def write_report(
     df: pd.DataFrame,
     out_dir: str | Path,
@@ -135,7 +129,7 @@ def write_report(
         "",
         f"**{verdict}**",
         "",
-        _markdown(table),
+        markdown_table(table),
         "",
         "Roles: " + ", ".join(f"{k} = {v}" for k, v in df.attrs.get("roles", {}).items()) + ".",
         "",
@@ -154,150 +148,137 @@ def write_report(
     return written
 
 
-# --- the comparison on the embedded model ---------------------------------------------------
+# --- the comparison -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class CompareConfig:
-    """Settings of :func:`run_compare`; ``n_prompts`` rows are sampled from every eval set."""
+class CompareConfig(RunConfig):
+    """The comparison's own settings: ``n_prompts`` rows sampled from every eval set; KL over
+    the first ``kl_tokens`` generated tokens (``kl = false`` skips those passes); perplexity
+    over ``ref_tokens`` reference tokens."""
 
-    seed: int = 0
-    layers: tuple[int, ...] = (14, 15, 16, 17, 18)
-    ratio: float = 0.5
-    alpha: float = 10.0
-    strengths: tuple[float, ...] = (0.5, 1.0, 1.5)
     n_prompts: int = 32
-    n_harmful_train: int | None = None
-    max_new_tokens: int = 24
+    kl: bool = True
     kl_tokens: int = 8
     ref_tokens: int = 48
-    batch_size: int = 16
-    max_benign_rise: float = 0.05
-    length_matched: bool = True  # direction's harmless side length-matched to the harmful
 
-    @classmethod
-    def quick(cls, seed: int = 0) -> CompareConfig:
-        """A few-minute smoke run."""
-        return cls(
-            seed=seed, strengths=(0.5, 1.0), n_prompts=12, n_harmful_train=200, max_new_tokens=12
-        )
+    QUICK: ClassVar[dict[str, Any]] = {
+        "strengths": (0.5, 1.0),
+        "n_prompts": 12,
+        "n_harmful_train": 200,
+        "max_new_tokens": 12,
+    }
 
 
-def _eval_sets(cfg: CompareConfig, harmful_test: PromptSet) -> tuple[list[EvalSet], list[str]]:
-    """Harmful (held-out HarmBench), jailbreak-wrapped harmful, MT-Bench, and, when
-    ``shared/data`` is found, CoCoNot contrast prompts and AlpacaEval with reference answers."""
-    from alphasteer_lens import prompts as P
-
+def eval_sets(cfg: CompareConfig, data: Data, harmful_test: PromptSet) -> list[EvalSet]:
+    """Harmful (held-out HarmBench), jailbreak-wrapped harmful, MT-Bench, and, from the data
+    directory, CoCoNot contrast prompts (``alphasteer/coconot_pref``) and AlpacaEval with
+    reference answers (``alphasteer/alpaca_eval``); a missing one is noted in ``data.notes``."""
     n, seed = cfg.n_prompts, cfg.seed
-    harmful = harmful_test.sample(min(n, len(harmful_test)), seed=seed)
-    templates = list(P.SIMPLE_TEMPLATES.values())
+
+    def cap(es: EvalSet, s: int = seed) -> EvalSet:
+        return es.sample(min(n, len(es)), seed=s)
+
+    templates = list(SIMPLE_TEMPLATES.values())
     wrapped = [harmful_test[i :: len(templates)].wrap(t).prompts for i, t in enumerate(templates)]
-    jailbreak = EvalSet("jailbreak", sum(wrapped, ()), "harmful").sample(
-        min(n, len(harmful_test)), seed=seed + 1
+    sets = [
+        cap(EvalSet("harmful", harmful_test.prompts, "harmful")),
+        cap(EvalSet("jailbreak", sum(wrapped, ()), "harmful"), seed + 1),
+        cap(EvalSet("benign", data.prompts("mt_bench").prompts)),
+    ]
+    sensitive = data.optional("alphasteer/coconot_pref", column="prompt")
+    if sensitive is not None:
+        sets.append(cap(EvalSet("sensitive", sensitive.deduplicated().prompts)))
+    alpaca = data.eval_set(
+        "alphasteer/alpaca_eval", prompt="instruction", reference="output", label="alpaca_eval"
     )
-    sets = [EvalSet("harmful", harmful.prompts, "harmful"), jailbreak]
-    sets.append(EvalSet("benign", P.mt_bench().sample(min(n, 80), seed=seed).prompts))
-    notes = []
-    try:
-        sensitive = P.shared_data("alphasteer/coconot_pref", column="prompt")
-        root = Path(sensitive.source).parent
-        sets.append(EvalSet("sensitive", sensitive.sample(n, seed=seed).prompts))
-        alpaca = EvalSet.from_json(
-            root / "alpaca_eval.json", prompt="instruction", reference="output", name="alpaca_eval"
-        )
-        sets.append(alpaca.sample(n, seed=seed))
-    except FileNotFoundError as err:
-        notes.append(f"shared/data not found ({err}): no sensitive or AlpacaEval sets")
-    return sets, notes
+    if alpaca is not None:
+        sets.append(cap(alpaca))
+    return sets
 
 
 def run_compare(
-    out_dir: str | Path, quick: bool = False, config: CompareConfig | None = None
+    out: str | Path | None = None,
+    cfg: CompareConfig | None = None,
+    *,
+    data: Data | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit AlphaSteer and ActAdd on the embedded SmolLM2 and compare them with vanilla and with
-    refusal addition (Arditi et al.'s opposite of directional ablation: ``+λ r`` at one layer,
-    at every prompt and generated position) on harmful, jailbreak-wrapped, benign, sensitive and
-    reference-answer sets. Writes the report (see :func:`write_report`), ``results.jsonl`` (the
-    resumable per-prompt cache) and ``report.json``; returns the ``report.json`` content."""
-    import time
+    """Fit AlphaSteer and ActAdd with the shared recipe and compare them with vanilla and with
+    refusal addition (Arditi et al.'s opposite of directional ablation: ``+λ r`` at the middle
+    steered layer, at every prompt and generated position) on harmful, jailbreak-wrapped, benign,
+    sensitive and reference-answer sets. Writes the report (see :func:`write_report`),
+    ``results.jsonl`` (the resumable per-prompt cache), ``generations.csv``, ``report.json`` and
+    ``manifest.json``; returns the ``report.json`` content."""
+    from alphasteer_lens.models import model_name
+    from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
 
-    from alphasteer_lens import prompts as P
-    from alphasteer_lens.activations import cache_activations
-    from alphasteer_lens.alphasteer import AlphaSteer
-    from alphasteer_lens.directions import diff_in_means
-    from alphasteer_lens.models import load_model, model_name
-    from alphasteer_lens.steering import ActAdd
-    from alphasteer_lens.storage import atomic_write_json
-
-    cfg = config or (CompareConfig.quick() if quick else CompareConfig())
-    out = Path(out_dir)
+    cfg = cfg or CompareConfig()
+    out = Path(out or cfg.out or "runs/compare")
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model = load_model()
-    dna = P.do_not_answer().deduplicated()
-    if cfg.n_harmful_train is not None:
-        dna = dna.sample(cfg.n_harmful_train, seed=cfg.seed)
-    hb_train, harmful_test = P.harmbench().split((0.5, 0.5), seed=cfg.seed)
-    harmful_train = (*dna.prompts, *hb_train.prompts)
-    benign_train = P.benign_instructions()
-    layers = list(cfg.layers)
-    kw: dict[str, Any] = {"layers": layers, "batch_size": cfg.batch_size, "cache": True}
-    acts_b = cache_activations(model, list(benign_train), desc="benign activations", **kw)
-    acts_h = cache_activations(model, harmful_train, desc="harmful activations", **kw)
-    acts_dir = (
-        acts_b.select(benign_train.length_matched_indices(harmful_train))
-        if cfg.length_matched
-        else acts_b
-    )
-    r = {layer: diff_in_means(acts_h[layer], acts_dir[layer]) for layer in layers}
-    alphasteer = AlphaSteer.fit(
-        acts_b.by_layer(), acts_h.by_layer(), r, layers=layers, ratio=cfg.ratio, alpha=cfg.alpha
-    )
+    data = data if data is not None else R.preflight(cfg)
+    clock = Clock()
+    model, fmt = R.load(cfg)
+    clock.lap("load_model")
+    sp = R.splits(data, cfg)
+    sets = eval_sets(cfg, data, sp.harmful_test)
+    record = sp.sets()
+    write_manifest(
+        out, "compare", cfg, model=model, layers=None, data=record, notes=data.notes,
+        threads=R.threads(),
+    )  # fmt: skip
+    clock.lap("load_data")
+    fitted = R.fit(model, sp, cfg, fmt, progress=progress)
+    layers, r = fitted.layers, fitted.refusal
     mid = layers[len(layers) // 2]
     methods: dict[str, Steering | Method | None] = {
         "vanilla": None,
-        "alphasteer": alphasteer,
-        "actadd": ActAdd(tuple(layers), torch.stack([r[layer] for layer in layers])),
+        "alphasteer": fitted.alphasteer,
+        "actadd": fitted.actadd,
         "refusal_added": Method(ActAdd((mid,), r[mid][None]), generated=True),
     }
-    fit_s = time.perf_counter() - start
-    sets, notes = _eval_sets(cfg, harmful_test)
+    write_manifest(
+        out, "compare", cfg, model=model, layers=fitted.choice.to_dict(), data=record,
+        notes=data.notes, threads=R.threads(),
+    )  # fmt: skip
+    clock.lap("fit")
     df = compare_methods(
-        model,
-        methods,
-        cfg.strengths,
-        {es.name: es for es in sets},
-        max_new_tokens=cfg.max_new_tokens,
-        kl_tokens=cfg.kl_tokens,
+        model, methods, cfg.strengths, {es.name: es for es in sets},
+        max_new_tokens=cfg.max_new_tokens, kl=cfg.kl, kl_tokens=cfg.kl_tokens,
         ref_tokens=cfg.ref_tokens,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        cache=out / "results.jsonl",
-    )
+        batch_size=cfg.batch_size, seed=cfg.seed, cache=out / "results.jsonl",
+        prompt_format=fmt, progress=progress,
+    )  # fmt: skip
+    clock.lap("evaluate")
     notes = [
-        f"Model {model_name(model)}; layers {layers} (`resid_pre`); difference-in-means refusal "
-        f"direction from {len(harmful_train)} harmful and {len(benign_train)} benign prompts; "
-        f"AlphaSteer ratio {cfg.ratio}, α {cfg.alpha}; ActAdd adds λ r at the prompt positions "
-        f"of the same layers; refusal_added adds λ r at layer {mid} at every position. Greedy, "
-        f"{cfg.max_new_tokens} new tokens, KL over the first {cfg.kl_tokens} tokens; keyword "
-        "judge. SCANS is not part of this comparison.",
-        *notes,
+        f"Model {model_name(model)}; layers {layers} (`resid_pre`; {fitted.choice.how}); "
+        f"difference-in-means refusal direction from {len(sp.harmful_train)} harmful and "
+        f"{len(sp.benign_train)} benign prompts; AlphaSteer ratio {cfg.ratio}, α {cfg.alpha}; "
+        "ActAdd adds λ r at the prompt positions of the same layers; refusal_added adds λ r at "
+        f"layer {mid} at every position. Greedy, {cfg.max_new_tokens} new tokens, KL over the "
+        f"first {cfg.kl_tokens} tokens; keyword judge. SCANS is not part of this comparison.",
+        *data.notes,
     ]
     files = write_report(df, out, max_benign_rise=cfg.max_benign_rise, notes=notes)
+    generations = df.attrs.get("generations")
+    if isinstance(generations, pd.DataFrame):
+        atomic_write_bytes(generations.to_csv(index=False).encode(), out / "generations.csv")
     table = tradeoff_table(df)
     best = best_tradeoff(table, max_benign_rise=cfg.max_benign_rise)
     report: dict[str, Any] = {
         "model": model_name(model),
-        "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "layers": layers,
+        "layer_choice": fitted.choice.to_dict(),
+        "config": cfg.to_dict(),
         "sets": {es.name: {"role": es.role, "n": len(es)} for es in sets},
+        "notes": list(data.notes),
         "best": {"method": best.name[0], "strength": best.name[1], **best.to_dict()},
         "table": table.reset_index().to_dict(orient="records"),
-        "leakage": dict(zip(map(str, layers), alphasteer.leakage, strict=True)),
+        "leakage": dict(zip(map(str, layers), fitted.alphasteer.leakage, strict=True)),
         "files": {k: str(v) for k, v in files.items()},
-        "timings": {
-            "fit": round(fit_s, 1),
-            "evaluate": round(time.perf_counter() - start - fit_s, 1),
-        },
+        "timings": clock.steps,
+        "seconds": clock.total(),
+        "peak_rss_mib": peak_rss_mib(),
     }
     atomic_write_json(report, out / "report.json")
     return report

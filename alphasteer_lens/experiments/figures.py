@@ -1,7 +1,8 @@
-"""Regenerate every figure in ``figures/`` on the embedded SmolLM2, with its data and settings.
+"""Regenerate every figure in ``figures/`` on any model, with its data and settings.
 
-:func:`make_figures` fits AlphaSteer and ActAdd with the demo setting (difference-in-means
-direction, layers 14-18, null-space ratio 0.5, α = 10), then draws:
+:func:`make_figures` fits AlphaSteer and ActAdd with the shared recipe (difference-in-means
+direction, length-matched; layers given or chosen on validation data; null-space ratio 0.5,
+α = 10), then draws:
 
 1. ``pca_actadd_vs_alphasteer``: benign/malicious × vanilla/steered in one PCA plane (real
    steered activations), ActAdd beside AlphaSteer;
@@ -12,29 +13,31 @@ direction, layers 14-18, null-space ratio 0.5, α = 10), then draws:
 6. ``tradeoff_ratio``: the same over AlphaSteer's null-space ratio.
 
 Every figure is written as ``.html`` and ``.png``; the DataFrames behind them go to ``data/``
-as CSV and the settings, seed, data hashes and headline numbers to ``settings.json``. Nothing
-is random beyond the seeded prompt splits, so two runs with the same seed on the same machine
-write the same files.
+as CSV and the settings, seed, data hashes and headline numbers to ``settings.json`` (plus
+``manifest.json``). Nothing is random beyond the seeded prompt splits, so two runs with the same
+seed on the same machine write the same files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
 
-from alphasteer_lens import prompts as P
-from alphasteer_lens.activations import cache_activations
-from alphasteer_lens.alphasteer import AlphaSteer
-from alphasteer_lens.directions import diff_in_means
+from alphasteer_lens.experiments import recipe as R
+from alphasteer_lens.experiments.config import RunConfig
+from alphasteer_lens.experiments.data import Data
+from alphasteer_lens.experiments.manifest import write_manifest
 from alphasteer_lens.logit_lens import vocab_projection
-from alphasteer_lens.models import HookedModel, load_model, model_name
+from alphasteer_lens.models import HookedModel, model_name
 from alphasteer_lens.pca import pca_points
-from alphasteer_lens.steering import ActAdd, Steering
+from alphasteer_lens.prompts import PromptSet
+from alphasteer_lens.steering import Steering
 from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
 from alphasteer_lens.sweeps import (
     Evaluator,
@@ -56,76 +59,43 @@ TRADEOFF_YS = ("harmful_refusal", "harmful_score")
 
 
 @dataclass(frozen=True)
-class FigureSettings:
-    """What :func:`make_figures` runs; written to ``settings.json``."""
+class FigureSettings(RunConfig):
+    """The figures' own settings; written to ``settings.json``. ``view_layer`` None: the last
+    steered layer; ``sweep_layers`` None: ``n_sweep_layers`` evenly spread layers (None: all);
+    ``n_generation_layers`` evenly spaced layers for the generation-mode sweep."""
 
-    seed: int = 0
-    layers: tuple[int, ...] = (14, 15, 16, 17, 18)
-    ratio: float = 0.5
-    alpha: float = 10.0
-    view_layer: int = 18
+    view_layer: int | None = None
     pca_strength: float = 0.5
     pca_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
-    n_benign_fit: int = 640  # AlphaSteer needs more benign rows than d_model (576)
-    n_malicious_fit: int = 300
+    n_benign_fit: int = 640  # AlphaSteer wants more benign rows than d_model (576 on SmolLM2)
     n_pca: int = 48
-    sweep_layers: tuple[int, ...] = tuple(range(30))
-    generation_layers: tuple[int, ...] = (6, 10, 14, 18, 22, 26)
+    sweep_layers: tuple[int, ...] | None = None
+    n_sweep_layers: int | None = None
+    n_generation_layers: int = 6
     sweep_strength: float = 4.0
     n_sweep_eval: int = 32
     tradeoff_strengths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
     ratio_strength: float = 0.5
     n_tradeoff: int = 24
-    max_new_tokens: int = 12
-    batch_size: int = 32
-    length_matched: bool = True  # direction's harmless side length-matched to the malicious
+    png: bool | None = None  # None: PNGs when a Chromium is installed
 
-    @classmethod
-    def quick(cls, seed: int = 0) -> FigureSettings:
-        """A few-minute run with the same figures on fewer prompts, layers and strengths."""
-        return cls(
-            seed=seed,
-            pca_strengths=(0.0, 0.5, 1.0),
-            n_malicious_fit=96,
-            n_pca=24,
-            sweep_layers=tuple(range(0, 30, 4)),
-            generation_layers=(8, 16, 24),
-            n_sweep_eval=12,
-            tradeoff_strengths=(0.0, 0.4, 0.8),
-            ratios=(0.3, 0.5, 0.7),
-            n_tradeoff=12,
-            max_new_tokens=8,
-        )
+    QUICK: ClassVar[dict[str, Any]] = {
+        "pca_strengths": (0.0, 0.5, 1.0),
+        "n_harmful_train": 16,
+        "n_pca": 24,
+        "n_sweep_layers": 8,
+        "n_generation_layers": 3,
+        "n_sweep_eval": 12,
+        "tradeoff_strengths": (0.0, 0.4, 0.8),
+        "n_tradeoff": 12,
+        "max_new_tokens": 8,
+        "n_select": 16,
+    }
 
 
-@dataclass(frozen=True)
-class _Data:
-    benign_fit: P.PromptSet
-    benign_eval: P.PromptSet
-    malicious_fit: P.PromptSet
-    harmful_eval: P.PromptSet
-    utility_eval: P.PromptSet
-
-
-def _sample(ps: P.PromptSet, n: int, seed: int) -> P.PromptSet:
+def _sample(ps: PromptSet, n: int, seed: int) -> PromptSet:
     return ps.sample(min(n, len(ps)), seed=seed)
-
-
-def _data(cfg: FigureSettings) -> _Data:
-    """Benign: the built-in set (fit/held-out halves) and MT-Bench (utility); malicious fit:
-    Do-Not-Answer plus 40% of HarmBench; harmful eval: the other HarmBench prompts."""
-    benign_fit, benign_eval = P.benign_instructions().split((0.85, 0.15), seed=cfg.seed)
-    hb_fit, hb_eval = P.harmbench().split((0.4, 0.6), seed=cfg.seed)
-    dna = P.do_not_answer().deduplicated()
-    n_dna = max(cfg.n_malicious_fit - len(hb_fit), 1)
-    return _Data(
-        benign_fit=_sample(benign_fit, cfg.n_benign_fit, cfg.seed),
-        benign_eval=benign_eval,
-        malicious_fit=P.PromptSet.concat("malicious_fit", _sample(dna, n_dna, cfg.seed), hb_fit),
-        harmful_eval=hb_eval,
-        utility_eval=P.mt_bench(),
-    )
 
 
 def _spearman(df: pd.DataFrame, a: str, b: str) -> float | None:
@@ -137,64 +107,74 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write_bytes(df.to_csv(index=False, float_format="%.6g").encode(), path)
 
 
+def _spread(n_layers: int, k: int) -> tuple[int, ...]:
+    """``k`` layers evenly spread over the model (6 of 30: 2, 7, 12, 17, 22, 27)."""
+    k = max(1, min(k, n_layers))
+    return tuple(sorted({int((i + 0.5) * n_layers / k) for i in range(k)}))
+
+
+def _best_layer(df: pd.DataFrame, col: str) -> int | None:
+    """The layer with the highest ``col`` (None where every value is NaN)."""
+    values = df[col].astype(float)
+    return None if values.isna().all() else int(df.loc[values.idxmax(), "layer"])
+
+
 def make_figures(
-    out_dir: str | Path = "figures",
-    seed: int = 0,
-    quick: bool = False,
+    out: str | Path | None = None,
+    cfg: FigureSettings | None = None,
     *,
+    data: Data | None = None,
     model: HookedModel | None = None,
-    png: bool | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Regenerate every figure into ``out_dir`` (see the module docstring) and return what was
-    written to ``out_dir/settings.json``: settings, data sizes and hashes, headline numbers and
-    the files written. ``png=None`` writes PNGs when a Chromium is installed."""
-    cfg = FigureSettings.quick(seed) if quick else FigureSettings(seed=seed)
-    out = Path(out_dir)
+    """Regenerate every figure into ``out`` (see the module docstring) and return what was
+    written to ``out/settings.json``: settings, layers, data sizes and hashes, headline numbers
+    and the files written."""
+    cfg = cfg or FigureSettings()
+    out = Path(out or cfg.out or "figures")
     (out / "data").mkdir(parents=True, exist_ok=True)
+    data = data if data is not None else R.preflight(cfg)
     torch.manual_seed(cfg.seed)
-    model = model if model is not None else load_model()
-    data = _data(cfg)
+    if model is None:
+        model, fmt = R.load(cfg)
+    else:
+        from alphasteer_lens.formats import default_format
+
+        fmt = default_format(model.tokenizer)
+    R.library_format(fmt, model)  # the sweeps and PCA read the model's default format
+    n_layers = int(model.cfg.n_layers)
+    sp = R.splits(data, cfg)
+    sp = dataclasses.replace(sp, benign_train=_sample(sp.benign_train, cfg.n_benign_fit, cfg.seed))
     bs = cfg.batch_size
     files: list[Path] = []
     frames: dict[str, pd.DataFrame] = {}
+    sweep_layers = cfg.sweep_layers or _spread(n_layers, cfg.n_sweep_layers or n_layers)
+    generation_layers = _spread(n_layers, cfg.n_generation_layers)
 
     # Fit once, at every layer the figures need (one pass per prompt set).
-    fit_layers = sorted(set(cfg.layers) | set(cfg.sweep_layers) | set(cfg.generation_layers))
-    fit_b = cache_activations(
-        model, list(data.benign_fit), layers=fit_layers, batch_size=bs, desc="benign fit"
+    fitted = R.fit(
+        model, sp, cfg, fmt, extra_layers=(*sweep_layers, *generation_layers), progress=progress
     )
-    fit_m = cache_activations(
-        model, list(data.malicious_fit), layers=fit_layers, batch_size=bs, desc="malicious fit"
-    )
-    # The direction's harmless side is length-matched to the malicious prompts (the built-in
-    # benign set has long prompts the harmful sets lack); the null space uses every benign row.
-    dir_b = (
-        fit_b.select(data.benign_fit.length_matched_indices(data.malicious_fit))
-        if cfg.length_matched
-        else fit_b
-    )
-    refusal = {layer: diff_in_means(fit_m[layer], dir_b[layer]) for layer in cfg.layers}
-    alphasteer = AlphaSteer.fit(
-        fit_b.by_layer(),
-        fit_m.by_layer(),
-        refusal,
-        layers=cfg.layers,
-        ratio=cfg.ratio,
-        alpha=cfg.alpha,
-    )
-    actadd = ActAdd(cfg.layers, torch.stack([refusal[layer] for layer in cfg.layers]))
+    layers = tuple(fitted.layers)
+    view_layer = cfg.view_layer if cfg.view_layer is not None else layers[-1]
+    fit_b, fit_m, dir_b = fitted.benign, fitted.harmful, fitted.direction_benign
+    refusal, alphasteer, actadd = fitted.refusal, fitted.alphasteer, fitted.actadd
     steerings: dict[str, Steering] = {"actadd": actadd, "alphasteer": alphasteer}
+    write_manifest(
+        out, "figures", cfg, model=model, layers=fitted.choice.to_dict(), data=sp.sets(),
+        notes=data.notes, threads=R.threads(),
+    )  # fmt: skip
 
     # 1-3: PCA views on held-out prompts.
-    pca_benign = list(_sample(data.benign_eval, cfg.n_pca, cfg.seed))
-    pca_harmful = list(_sample(data.harmful_eval, cfg.n_pca, cfg.seed))
+    pca_benign = list(_sample(sp.benign_val, cfg.n_pca, cfg.seed))
+    pca_harmful = list(_sample(sp.harmful_test, cfg.n_pca, cfg.seed))
     basis, points = pca_points(
         model,
         pca_benign,
         pca_harmful,
         steerings,
         cfg.pca_strengths,
-        layer=cfg.view_layer,
+        layer=view_layer,
         batch_size=bs,
     )
     _, paper = pca_points(
@@ -203,7 +183,7 @@ def make_figures(
         pca_harmful,
         steerings,
         cfg.pca_strength,
-        layer=cfg.view_layer,
+        layer=view_layer,
         mode="on_paper",
         batch_size=bs,
     )
@@ -223,17 +203,17 @@ def make_figures(
 
     # 4: layer sweep (directions from the fit activations), logit mode at every layer,
     # generation mode at a subset for the rank agreement of the two modes.
-    sweep_eval_h = list(_sample(data.harmful_eval, cfg.n_sweep_eval, cfg.seed + 1))
-    sweep_eval_b = list(_sample(data.benign_eval, cfg.n_sweep_eval, cfg.seed + 1))
+    sweep_eval_h = list(_sample(sp.harmful_test, cfg.n_sweep_eval, cfg.seed + 1))
+    sweep_eval_b = list(_sample(sp.benign_val, cfg.n_sweep_eval, cfg.seed + 1))
     sweeps = {}
-    for mode, layers in (("logit", cfg.sweep_layers), ("generation", cfg.generation_layers)):
+    for mode, swept in (("logit", sweep_layers), ("generation", generation_layers)):
         sweeps[mode] = layer_sweep(
             model,
             fit_m,
             dir_b,
             sweep_eval_h,
             sweep_eval_b,
-            layers=layers,
+            layers=swept,
             strength=cfg.sweep_strength,
             mode=mode,  # type: ignore[arg-type]
             max_new_tokens=cfg.max_new_tokens,
@@ -247,8 +227,8 @@ def make_figures(
     # 5-6: safety vs utility over λ and over the null-space ratio.
     evaluator = Evaluator.create(
         model,
-        list(_sample(data.harmful_eval, cfg.n_tradeoff, cfg.seed + 2)),
-        list(_sample(data.utility_eval, cfg.n_tradeoff, cfg.seed + 2)),
+        list(_sample(sp.harmful_test, cfg.n_tradeoff, cfg.seed + 2)),
+        list(_sample(sp.benign_test, cfg.n_tradeoff, cfg.seed + 2)),
         mode="generation",
         max_new_tokens=cfg.max_new_tokens,
         batch_size=bs,
@@ -263,7 +243,7 @@ def make_figures(
         fit_m.by_layer(),
         refusal,
         cfg.ratios,
-        layers=cfg.layers,
+        layers=layers,
         strength=cfg.ratio_strength,
         alpha=cfg.alpha,
     )
@@ -279,11 +259,11 @@ def make_figures(
         "<br><sup>generation mode: keyword judge on greedy answers</sup>",
     )
     frames["vocab_projection"] = vocab_projection(
-        model, {layer: refusal[layer] for layer in cfg.layers}, k=10
+        model, {layer: refusal[layer] for layer in layers}, k=10
     )
 
     for name, fig in figs.items():
-        files += save_figure(fig, out / name, png=png)
+        files += save_figure(fig, out / name, png=cfg.png)
     for name, df in frames.items():
         path = out / "data" / f"{name}.csv"
         _write_csv(df, path)
@@ -292,12 +272,10 @@ def make_figures(
     logit, gen = sweeps["logit"], sweeps["generation"]
     vanilla = {k: round(v, 6) for k, v in evaluator.vanilla.items()}
     summary = {
-        "best_auroc_layer": int(logit.loc[logit.auroc.idxmax(), "layer"]),
-        "best_auroc": round(float(logit.auroc.max()), 4),
-        "most_induced_refusal_layer_logit": int(logit.loc[logit.harmful_score.idxmax(), "layer"]),
-        "most_induced_refusal_layer_generation": int(
-            gen.loc[gen.harmful_refusal_gen.idxmax(), "layer"]
-        ),
+        "best_auroc_layer": _best_layer(logit, "auroc"),
+        "best_auroc": None if logit.auroc.isna().all() else round(float(logit.auroc.max()), 4),
+        "most_induced_refusal_layer_logit": _best_layer(logit, "harmful_score"),
+        "most_induced_refusal_layer_generation": _best_layer(gen, "harmful_refusal_gen"),
         "spearman_logit_score_vs_generation_refusal": _spearman(
             gen, "harmful_score", "harmful_refusal_gen"
         ),
@@ -308,23 +286,22 @@ def make_figures(
         "tradeoff_vanilla": vanilla,
     }
     settings: dict[str, Any] = {
-        "settings": asdict(cfg),
+        "settings": cfg.to_dict(),
         "seed": cfg.seed,
-        "quick": quick,
+        "quick": cfg.quick,
+        "layers": list(layers),
+        "layer_choice": fitted.choice.to_dict(),
+        "view_layer": view_layer,
+        "notes": list(data.notes),
         "model": model_name(model),
         "torch": torch.__version__.split("+")[0],
         "torch_threads": torch.get_num_threads(),
         "data": {
             name: {"size": len(ps), "hash": ps.content_hash(), "source": ps.source}
-            for name, ps in _roles(data).items()
+            for name, ps in sp.sets().items()
         },
         "summary": summary,
         "files": sorted(str(f.relative_to(out)) for f in files),
     }
     atomic_write_json(settings, out / "settings.json")
     return settings | {"frames": frames}
-
-
-def _roles(data: _Data) -> dict[str, P.PromptSet]:
-    """The prompt sets of a run by role (``dataclasses.asdict`` would deep-copy them)."""
-    return {name: getattr(data, name) for name in data.__dataclass_fields__}

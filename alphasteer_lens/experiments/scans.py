@@ -1,4 +1,4 @@
-"""SCANS end to end on the embedded SmolLM2 (``alphasteer-lens scans``).
+"""SCANS end to end on any chat model (``alphasteer-lens scans``; default the embedded SmolLM2).
 
 Data (seeded, disjoint splits):
 - harmful anchors: 32 HarmBench + 32 Do-Not-Answer prompts (the model refuses some of the
@@ -7,33 +7,39 @@ Data (seeded, disjoint splits):
   questions move into " Sure" unlike HarmBench's requests: AUROC 0.54 with them, measured);
   harmful validation and test: other HarmBench prompts;
 - harmless anchors: the built-in benign set; plain benign test: MT-Bench turn 1;
-- benign but sensitive: ``shared/data/alphasteer`` borderline (``query``) and CoCoNot contrast
-  (``prompt``) prompts, or ``sensitive=FILE``, or, when neither exists, the package's own small
-  XSTest-style set (``data/sensitive_benign.json``, homonyms and safe contexts).
+- benign but sensitive: the data directory's ``alphasteer/borderline_val`` (``query``) and
+  ``alphasteer/coconot_pref`` (``prompt``) prompts, or ``sensitive=FILE``, or, when neither
+  exists, the package's own small XSTest-style set (``sensitive_benign``; a note says so).
 
 Steps: :meth:`Scans.fit` on 64 + 64 anchors (refusal vectors, anchoring, transition reference);
 τ calibrated on validation harmful vs sensitive prompts; classifier metrics on the test sets;
 greedy generation, judged by :class:`KeywordJudge`, in four conditions: vanilla, SCANS, induced
-over-refusal (ActAdd of the refusal vectors at middle layers, prompt positions) and induced
+over-refusal (ActAdd of the refusal vectors at ``layers``, prompt positions; chosen on
+validation data when not given) and induced
 over-refusal with SCANS on top. The model barely refuses by itself, so the over-refusal side of
 SCANS can only be shown on an over-refusing variant of it.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from alphasteer_lens import prompts as P
+from alphasteer_lens.experiments import recipe as R
+from alphasteer_lens.experiments.config import ConfigError, RunConfig
+from alphasteer_lens.experiments.data import Data
+from alphasteer_lens.experiments.layers import LayerChoice, candidate_layers, choose_layers
+from alphasteer_lens.experiments.manifest import write_manifest
+from alphasteer_lens.experiments.report import Clock, markdown_table, peak_rss_mib
 from alphasteer_lens.generation import generate
 from alphasteer_lens.judges import KeywordJudge
-from alphasteer_lens.models import HookedModel, load_model, model_name
+from alphasteer_lens.models import HookedModel, model_name
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.scans import (
     RESID_POST,
@@ -48,29 +54,34 @@ from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
 
 CONDITIONS = ("vanilla", "scans", "over_refusal", "over_refusal+scans")
 PROMPT_SETS = ("harmful", "sensitive", "benign")
-FALLBACK_SENSITIVE = Path(__file__).resolve().parent / "data" / "sensitive_benign.json"
 
 
 @dataclass(frozen=True)
-class ScansConfig:
-    """Settings of :func:`run_scans`. ``induce_layers`` / ``induce_strength``: the ActAdd
-    (``+λ v_l`` at ``hook_resid_post``, prompt positions) that makes the model over-refuse."""
+class ScansConfig(RunConfig):
+    """SCANS' own settings: anchors per side, test prompts per set, the steering magnitude
+    ``steer_alpha`` (±α v_l), the τ rule, and the induced over-refusal ActAdd (``+λ v_l`` at
+    ``hook_resid_post``, prompt positions, at the base config's ``layers``; chosen on validation
+    data when None). ``n_val`` (base) is per class for τ."""
 
-    seed: int = 0
     n_anchors: int = 64  # per side, the paper's 64 + 64
-    n_val: int = 32  # per class, for τ
     n_test: int = 48  # per prompt set
-    alpha: float = 20.0
+    steer_alpha: float = 20.0
     criterion: Criterion = "youden"  # τ rule; Youden's J weighs false refusals as misses
-    induce_layers: tuple[int, ...] = (13, 14, 15, 16, 17)
     induce_strength: float = 15.0
-    max_new_tokens: int = 24
-    batch_size: int = 16
+    sensitive: str | None = None
 
-    @classmethod
-    def quick(cls, seed: int = 0) -> ScansConfig:
-        """A smoke run of a few minutes (fewer anchors and prompts, shorter answers)."""
-        return cls(seed=seed, n_anchors=16, n_val=8, n_test=6, max_new_tokens=8)
+    QUICK: ClassVar[dict[str, Any]] = {
+        "n_anchors": 16, "n_val": 8, "n_test": 6, "max_new_tokens": 8, "n_select": 8,
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_chat(self)
+        if self.steer_alpha < 0 or self.induce_strength < 0:
+            raise ConfigError(
+                f"steer_alpha and induce_strength must be >= 0, got {self.steer_alpha}, "
+                f"{self.induce_strength}"
+            )
 
 
 def _slices(ps: PromptSet, sizes: Sequence[int], seed: int) -> list[PromptSet]:
@@ -83,39 +94,44 @@ def _slices(ps: PromptSet, sizes: Sequence[int], seed: int) -> list[PromptSet]:
     return [shuffled[end - n : end] for n, end in zip(sizes, ends, strict=True)]
 
 
-def sensitive_prompts(path: str | Path | None = None) -> tuple[PromptSet, str]:
+def sensitive_prompts(
+    path: str | Path | None = None, data: Data | None = None
+) -> tuple[PromptSet, str]:
     """Benign-but-sensitive prompts and a note saying where they came from: ``path`` if given,
-    else shared borderline + CoCoNot prompts, else the package's XSTest-style fallback."""
+    else the data directory's borderline + CoCoNot prompts, else the package's XSTest-style
+    fallback (the note names the missing sets)."""
     if path is not None:
         ps = P.load_prompts(path)
         return ps, f"sensitive prompts from {path}"
-    try:
-        border = P.shared_data("alphasteer/borderline_val", column="query")
-        coconot = P.shared_data("alphasteer/coconot_pref", column="prompt")
-    except FileNotFoundError as err:
-        ps = P.load_prompts(FALLBACK_SENSITIVE)
-        ps = PromptSet(
-            "sensitive_benign", ps.prompts, ps.source, "CC0, written for alphasteer_lens"
-        )
+    data = data if data is not None else Data()
+    found = len(data.notes)
+    border = data.optional("alphasteer/borderline_val", column="query")
+    coconot = data.optional("alphasteer/coconot_pref", column="prompt")
+    if border is None or coconot is None:
+        missing = "; ".join(data.notes[found:])
+        ps = data.prompts("sensitive_benign")
         note = (
-            f"shared/data not found ({err}); using the built-in XSTest-style set of "
-            f"{len(ps)} prompts instead (pass --sensitive FILE for your own)"
+            f"{missing}; using the built-in XSTest-style set of {len(ps)} prompts instead "
+            "(pass --sensitive FILE for your own)"
         )
         return ps, note
     ps = PromptSet.concat(
         "borderline+coconot", border.deduplicated(), coconot.deduplicated()
     ).deduplicated()
-    return ps, "sensitive prompts: shared borderline_val (query) + coconot_pref (prompt)"
+    return ps, "sensitive prompts: borderline_val (query) + coconot_pref (prompt)"
 
 
-def _data(cfg: ScansConfig, sensitive: str | Path | None) -> tuple[dict[str, PromptSet], str]:
+def _data(cfg: ScansConfig, data: Data) -> tuple[dict[str, PromptSet], str]:
     n_hb = cfg.n_anchors // 2
-    hb_anchors, val_h, test_h = _slices(P.harmbench(), (n_hb, cfg.n_val, cfg.n_test), cfg.seed)
-    (dna_anchors,) = _slices(P.do_not_answer(), (cfg.n_anchors - n_hb,), cfg.seed)
+    hb = data.prompts("harmbench")
+    hb_anchors, val_h, test_h = _slices(hb, (n_hb, cfg.n_val, cfg.n_test), cfg.seed)
+    (dna_anchors,) = _slices(data.prompts("do_not_answer"), (cfg.n_anchors - n_hb,), cfg.seed)
     anchors_h = PromptSet.concat("harmbench+do_not_answer", hb_anchors, dna_anchors)
-    (anchors_b,) = _slices(P.benign_instructions(), (cfg.n_anchors,), cfg.seed)
-    (test_b,) = _slices(P.mt_bench(), (cfg.n_test,), cfg.seed)
-    sens, note = sensitive_prompts(sensitive)
+    n_b = min(cfg.n_select, len(data.prompts("builtin_benign").deduplicated()) - cfg.n_anchors)
+    anchors_b, val_b = _slices(data.prompts("builtin_benign"), (cfg.n_anchors, n_b), cfg.seed)
+    mt = data.prompts("mt_bench")
+    (test_b,) = _slices(mt, (min(cfg.n_test, len(mt.deduplicated())),), cfg.seed)
+    sens, note = sensitive_prompts(cfg.sensitive, data)
     half = len(sens.deduplicated()) // 2
     val_s, test_s = _slices(sens, (min(cfg.n_val, half), min(cfg.n_test, half)), cfg.seed)
     sets = {
@@ -123,6 +139,7 @@ def _data(cfg: ScansConfig, sensitive: str | Path | None) -> tuple[dict[str, Pro
         "anchors_harmless": anchors_b,
         "anchors_transition": hb_anchors,
         "val_harmful": val_h,
+        "val_benign": val_b,
         "val_sensitive": val_s,
         "harmful": test_h,
         "sensitive": test_s,
@@ -191,15 +208,6 @@ def refusal_table(
     return pd.DataFrame(rows)
 
 
-def _markdown(frame: pd.DataFrame) -> str:
-    cols = [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in frame.itertuples(index=False):
-        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _summary(report: dict[str, Any], table: pd.DataFrame, segments: pd.DataFrame) -> str:
     a, c = report["anchoring"], report["classifier"]
     test = c["harmful_vs_sensitive"]
@@ -217,7 +225,7 @@ def _summary(report: dict[str, Any], table: pd.DataFrame, segments: pd.DataFrame
             "",
             f"## Anchoring: {a['segment']} segment, layers {a['layers'][0]}–{a['layers'][-1]}",
             "",
-            _markdown(seg),
+            markdown_table(seg, index=False),
             "",
             "## Transition classifier (harmful vs benign-but-sensitive, held out)",
             "",
@@ -227,7 +235,7 @@ def _summary(report: dict[str, Any], table: pd.DataFrame, segments: pd.DataFrame
             "",
             "## Refusal rate (keyword judge, greedy)",
             "",
-            _markdown(rates),
+            markdown_table(rates, index=False),
             "",
             "Benign continuations identical to vanilla: "
             + ", ".join(
@@ -240,29 +248,44 @@ def _summary(report: dict[str, Any], table: pd.DataFrame, segments: pd.DataFrame
     )
 
 
+def check_chat(cfg: RunConfig) -> None:
+    """SCANS reads the chat template (its transition classifier appends an assistant prefix):
+    any other ``--prompt-format`` is a :class:`ConfigError`."""
+    if cfg.prompt_format not in (None, "chat"):
+        raise ConfigError(
+            f"--prompt-format {cfg.prompt_format}: this pipeline supports the chat format only"
+        )
+
+
 def run_scans(
-    out: str | Path = "runs/scans",
+    out: str | Path | None = None,
+    cfg: ScansConfig | None = None,
     *,
-    quick: bool = False,
-    config: ScansConfig | None = None,
-    sensitive: str | Path | None = None,
+    data: Data | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit SCANS on the embedded model, calibrate τ, evaluate the classifier and the four
-    conditions, and write ``report.json``, ``summary.md`` and ``completions.csv`` to ``out``.
+    """Fit SCANS, calibrate τ, evaluate the classifier and the four conditions, and write
+    ``report.json``, ``summary.md``, ``completions.csv`` and ``manifest.json`` to ``out``.
     Returns the ``report.json`` content (``refusal`` = the condition × prompt-set table)."""
-    cfg = config or (ScansConfig.quick() if quick else ScansConfig())
-    if cfg.alpha < 0 or cfg.induce_strength < 0:
-        raise ValueError(f"alpha and induce_strength must be >= 0, got {cfg}")
-    out = Path(out)
+    cfg = cfg or ScansConfig()
+    out = Path(out or cfg.out or "runs/scans")
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    model = load_model()
-    sets, note = _data(cfg, sensitive)
+    data = data if data is not None else R.preflight(cfg)
+    clock = Clock()
+    model, _ = R.load(cfg)
+    if not getattr(model.tokenizer, "chat_template", None):
+        raise ConfigError(f"scans needs a chat model; {cfg.model} has no chat template")
+    sets, note = _data(cfg, data)
+    write_manifest(
+        out, "scans", cfg, model=model, layers=None, data=sets, notes=data.notes,
+        threads=R.threads(),
+    )  # fmt: skip
+    clock.lap("load")
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "progress": progress}
     scans = Scans.fit(
-        model, list(sets["anchors_harmful"]), list(sets["anchors_harmless"]), alpha=cfg.alpha, **kw
-    )
+        model, list(sets["anchors_harmful"]), list(sets["anchors_harmless"]),
+        alpha=cfg.steer_alpha, **kw,
+    )  # fmt: skip
     clf = scans.classifier
     reference = clf.transitions(model, list(sets["anchors_transition"]), **kw)
     clf = TransitionClassifier.fit(reference, clf.layers, prefix=clf.prefix)
@@ -273,7 +296,21 @@ def run_scans(
     scans = replace(scans, classifier=clf)
     scores = {name: scans.classify(model, list(sets[name]), **kw) for name in PROMPT_SETS}
     harmful = {name: clf.predict(s).tolist() for name, s in scores.items()}
-    induce = ActAdd(cfg.induce_layers, scans.vectors[list(cfg.induce_layers)], RESID_POST)
+    clock.lap("fit_and_classify")
+    if cfg.layers is not None:
+        choice = LayerChoice(tuple(cfg.layers), "given")
+    else:
+        n_layers = int(model.cfg.n_layers)
+        stride = candidate_layers(n_layers, skip_last=cfg.skip_last, stride=cfg.select_stride)
+        choice = choose_layers(
+            model, {layer: scans.vectors[layer] for layer in stride},
+            list(sets["val_harmful"][: cfg.n_select]), list(sets["val_benign"]),
+            width=cfg.n_steer_layers, skip_last=cfg.skip_last, strength=cfg.induce_strength,
+            batch_size=cfg.batch_size, hook_template=RESID_POST,
+        )  # fmt: skip
+    induce_layers = list(choice.layers)
+    induce = ActAdd(tuple(induce_layers), scans.vectors[induce_layers], RESID_POST)
+    clock.lap("choose_layers")
     completions = {
         (cond, name): _complete(
             model,
@@ -297,16 +334,17 @@ def run_scans(
         + ", ".join(f"{n} {len(sets[n])}" for n in PROMPT_SETS)
         + " (MT-Bench is the plain benign set).",
         note,
-        f"SCANS: ±α v_l with α = {cfg.alpha:g} (unit v_l) at the anchored layers, from the "
+        f"SCANS: ±α v_l with α = {cfg.steer_alpha:g} (unit v_l) at the anchored layers, from the "
         "instruction end onward, generated tokens included; sign from the classifier.",
         f"Induced over-refusal: +{cfg.induce_strength:g} v_l at layers "
-        f"{list(cfg.induce_layers)} (hook_resid_post, prompt positions); the classifier reads "
+        f"{induce_layers} ({choice.how}; hook_resid_post, prompt positions); the classifier reads "
         "the unsteered model.",
         f"Greedy, {cfg.max_new_tokens} new tokens, KeywordJudge.",
     ]
     report: dict[str, Any] = {
         "model": model_name(model),
-        "config": asdict(cfg),
+        "config": cfg.to_dict(),
+        "layer_choice": choice.to_dict(),
         "notes": notes,
         "data": {
             k: {"n": len(v), "source": v.source, "license": v.license} for k, v in sets.items()
@@ -331,7 +369,6 @@ def run_scans(
             "predicted_harmful": {n: sum(h) / len(h) for n, h in harmful.items()},
         },
         "refusal": table.to_dict(orient="records"),
-        "seconds": round(time.perf_counter() - start, 1),
     }
     frame = pd.DataFrame(
         [
@@ -341,6 +378,8 @@ def run_scans(
             for p, s, h, text in zip(sets[name], scores[name], harmful[name], texts, strict=True)
         ]
     )  # fmt: skip
+    clock.lap("generate")
+    report |= {"timings": clock.steps, "seconds": clock.total(), "peak_rss_mib": peak_rss_mib()}
     atomic_write_bytes(frame.to_csv(index=False).encode(), out / "completions.csv")
     atomic_write_bytes(_summary(report, table, segments).encode(), out / "summary.md")
     atomic_write_json(report, out / "report.json")

@@ -1,0 +1,115 @@
+"""Named prompt sets, resolved without guessing folders.
+
+A set named ``harmbench`` or ``alphasteer/borderline_val`` is looked up, in order, in:
+
+1. the data directory the user gives (``--data DIR``, else ``$ALPHASTEER_LENS_DATA``):
+   ``DIR/<name>`` with any supported extension;
+2. the pinned PyPI wheels and the package's built-in sets (``harmbench``, ``do_not_answer``,
+   ``mt_bench``, ``builtin_benign``, ``sensitive_benign``).
+
+A set found nowhere is never dropped silently: :meth:`Data.optional` returns None and records a
+one-line note naming the set and how to supply it, which the pipelines put into their reports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alphasteer_lens import prompts as P
+from alphasteer_lens.evaluation import EvalSet
+from alphasteer_lens.experiments.config import ConfigError
+
+DATA_ENV = P.SHARED_DATA_ENV
+_FALLBACK_SENSITIVE = Path(P.__file__).resolve().parent / "data" / "sensitive_benign.json"
+
+
+def _sensitive_benign() -> P.PromptSet:
+    ps = P.load_prompts(_FALLBACK_SENSITIVE)
+    return P.PromptSet(
+        "sensitive_benign", ps.prompts, ps.source, "CC0, written for alphasteer_lens"
+    )
+
+
+BUILTIN: dict[str, Callable[[], P.PromptSet]] = {
+    "harmbench": P.harmbench,
+    "do_not_answer": P.do_not_answer,
+    "mt_bench": P.mt_bench,
+    "builtin_benign": P.benign_instructions,
+    "sensitive_benign": _sensitive_benign,
+}
+
+
+def data_root(data_dir: str | Path | None) -> Path | None:
+    """``data_dir``, else ``$ALPHASTEER_LENS_DATA``, else None; a given path that is not a
+    directory is a :class:`ConfigError`."""
+    given = data_dir if data_dir is not None else os.environ.get(DATA_ENV) or None
+    if given is None:
+        return None
+    root = Path(given).expanduser()
+    if not root.is_dir():
+        origin = "--data" if data_dir is not None else f"${DATA_ENV}"
+        raise ConfigError(f"{origin} {root} is not a directory")
+    return root
+
+
+@dataclass
+class Data:
+    """Resolves named sets (see the module docstring) and keeps the notes about missing ones."""
+
+    root: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dir(cls, data_dir: str | Path | None) -> Data:
+        return cls(data_root(data_dir))
+
+    def _file(self, name: str) -> Path | None:
+        if self.root is None:
+            return None
+        options = [self.root / name] + [self.root / f"{name}{e}" for e in P.SUPPORTED_EXTENSIONS]
+        return next((p for p in options if p.is_file()), None)
+
+    def where(self, name: str) -> str:
+        """Where ``name`` comes from: a file, or ``builtin``."""
+        path = self._file(name)
+        return str(path) if path is not None else "builtin"
+
+    def prompts(self, name: str, *, column: str | None = None) -> P.PromptSet:
+        """The set ``name``; a :class:`FileNotFoundError` naming how to supply it if absent."""
+        path = self._file(name)
+        if path is not None:
+            return P.load_prompts(path, column=column, name=name)
+        if name in BUILTIN:
+            return BUILTIN[name]()
+        raise FileNotFoundError(self._missing(name))
+
+    def optional(self, name: str, *, column: str | None = None) -> P.PromptSet | None:
+        """The set ``name``, or None with a note in :attr:`notes`."""
+        try:
+            return self.prompts(name, column=column)
+        except FileNotFoundError as err:
+            self.notes.append(str(err))
+            return None
+
+    def eval_set(
+        self, name: str, *, prompt: str, reference: str | None = None, label: str | None = None
+    ) -> EvalSet | None:
+        """A JSON set with reference answers (e.g. ``alphasteer/alpaca_eval``), or None with a
+        note."""
+        path = self._file(name)
+        if path is None:
+            self.notes.append(self._missing(name))
+            return None
+        return EvalSet.from_json(path, prompt=prompt, reference=reference, name=label or name)
+
+    def _missing(self, name: str) -> str:
+        looked = (
+            f"under {self.root}" if self.root is not None else f"(no --data DIR, no ${DATA_ENV})"
+        )
+        return (
+            f"prompt set {name!r} not found {looked}: put {name}.json there "
+            f"(pass --data DIR or set {DATA_ENV}); left out of this run"
+        )

@@ -1,0 +1,120 @@
+"""Result tables in the README and docs, generated from committed report files.
+
+A table is written between two markers naming its kind and its report (a path relative to the
+Markdown file's repository root)::
+
+    <!-- generated: demo results/demo/report.json -->
+    | ... |
+    <!-- end generated -->
+
+``python -m alphasteer_lens.experiments.docs --write README.md docs/*.md`` rewrites every block
+from its report; without ``--write`` it lists stale blocks and exits 1 (the test suite runs the
+check). Kinds: ``demo`` (methods table), ``compare`` (trade-off table), ``scans`` (refusal rate
+per condition and prompt set).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from alphasteer_lens.experiments.report import markdown_table
+
+BLOCK = re.compile(
+    r"(<!-- generated: (?P<kind>\w+) (?P<report>\S+) -->\n)(?P<body>.*?)(<!-- end generated -->)",
+    re.S,
+)
+DEMO_COLUMNS = (
+    "strength",
+    "harmful_refusal_rate",
+    "benign_refusal_rate",
+    "benign_unchanged_fraction",
+    "harmful_refusal_score",
+    "benign_refusal_score",
+)
+
+
+def demo_table(report: dict[str, Any]) -> str:
+    """The demo's methods table (also in its ``summary.md``)."""
+    df = pd.DataFrame(report["methods"]).T
+    return markdown_table(df[[c for c in DEMO_COLUMNS if c in df.columns]])
+
+
+def compare_table(report: dict[str, Any]) -> str:
+    """The comparison's trade-off table, one row per (method, λ)."""
+    df = pd.DataFrame(report["table"]).set_index(["method", "strength"])
+    return markdown_table(df)
+
+
+def scans_table(report: dict[str, Any]) -> str:
+    """SCANS' refusal rate per condition (rows) and prompt set (columns)."""
+    df = pd.DataFrame(report["refusal"])
+    rates = df.pivot(index="condition", columns="prompt_set", values="refusal_rate")
+    order = list(dict.fromkeys(df.condition))
+    sets = list(dict.fromkeys(df.prompt_set))
+    return markdown_table(rates.loc[order, sets].reset_index(), index=False)
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "demo": demo_table,
+    "compare": compare_table,
+    "scans": scans_table,
+}
+
+
+def _root(doc: Path) -> Path:
+    """The repository root above ``doc`` (the folder holding pyproject.toml), else its folder."""
+    for parent in doc.resolve().parents:
+        if (parent / "pyproject.toml").exists():
+            return parent
+    return doc.resolve().parent
+
+
+def render(text: str, root: Path) -> str:
+    """``text`` with every generated block rewritten from its report."""
+
+    def block(m: re.Match[str]) -> str:
+        kind, report = m["kind"], root / m["report"]
+        if kind not in RENDERERS:
+            raise ValueError(f"unknown generated table kind {kind!r}; known: {sorted(RENDERERS)}")
+        body = RENDERERS[kind](json.loads(report.read_text("utf-8")))
+        return f"{m.group(1)}{body}\n{m.group(5)}"
+
+    return BLOCK.sub(block, text)
+
+
+def stale_blocks(doc: Path) -> list[str]:
+    """``kind report`` of every block in ``doc`` that differs from what its report gives."""
+    text = doc.read_text("utf-8")
+    fresh = render(text, _root(doc))
+    old = {m.start(): m for m in BLOCK.finditer(text)}
+    new = list(BLOCK.finditer(fresh))
+    return [
+        f"{doc}: {m['kind']} {m['report']}"
+        for m, n in zip(old.values(), new, strict=True)
+        if m["body"] != n["body"]
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    write = "--write" in args
+    docs = [Path(a) for a in args if a != "--write"]
+    stale = [s for d in docs for s in stale_blocks(d)]
+    if write:
+        for d in docs:
+            d.write_text(render(d.read_text("utf-8"), _root(d)), "utf-8")
+        return 0
+    for s in stale:
+        print(f"stale: {s}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The recipe every AlphaSteer pipeline builds on: prompt splits → last-token activations →
+refusal direction (length-matched difference in means by default) → steered layers (given, or
+chosen on validation data) → null space and AlphaSteer fit → λ chosen on validation data.
+
+Data (seeded): benign train/val = the built-in benign set (85/15); harmful train/val =
+Do-Not-Answer (optionally ``n_harmful_train`` of it, 85/15) plus 40% / 10% of HarmBench; harmful
+test = the other 50% of HarmBench (held out); benign test = MT-Bench turn 1. Do-Not-Answer's short
+questions alone do not transfer to HarmBench's imperative requests, hence the HarmBench share.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from alphasteer_lens.activations import Activations, cache_activations
+from alphasteer_lens.alphasteer import AlphaSteer
+from alphasteer_lens.directions import diff_in_means, refused_minus_complied
+from alphasteer_lens.experiments.config import ConfigError, RunConfig
+from alphasteer_lens.experiments.data import Data
+from alphasteer_lens.experiments.layers import LayerChoice, candidate_layers, choose_layers
+from alphasteer_lens.formats import PromptFormat, default_format
+from alphasteer_lens.generation import generate, next_token_logits
+from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
+from alphasteer_lens.models import HookedModel
+from alphasteer_lens.prompts import PromptSet
+from alphasteer_lens.sources import hub_offline
+from alphasteer_lens.steering import ActAdd, Steering
+
+# --- before the model loads -----------------------------------------------------------------
+
+
+def check_model_arg(model: str | None) -> None:
+    """A ``--model`` that cannot load is a :class:`ConfigError` before anything loads."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"--model {path} is a file, not a model directory")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {path} has no config.json: not a Hugging Face model")
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(f"--model {model}: no such directory")
+    if hub_offline():
+        raise ConfigError(
+            f"--model {model} is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)"
+        )
+
+
+def check_device(cfg: RunConfig) -> None:
+    """``--device`` / ``--device-map`` / ``--max-memory`` that cannot work, as a ConfigError."""
+    if cfg.device is not None and cfg.device_map is not None:
+        raise ConfigError("pass --device or --device-map, not both")
+    if cfg.max_memory is not None and cfg.device_map is None:
+        raise ConfigError("--max-memory needs --device-map (e.g. --device-map auto)")
+    if cfg.device is None:
+        return
+    try:
+        dev = torch.device(cfg.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {cfg.device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: no CUDA device is available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {cfg.device}: MPS is not available")
+
+
+def preflight(cfg: RunConfig) -> Data:
+    """Every check that needs no model (model path, device, data directory); the data resolver."""
+    check_model_arg(cfg.model)
+    check_device(cfg)
+    return Data.from_dir(cfg.data_dir)
+
+
+def load(cfg: RunConfig) -> tuple[HookedModel, PromptFormat]:
+    """The model the config names (None: the embedded SmolLM2) and the prompt format to use."""
+    from alphasteer_lens.models import load_model
+
+    max_memory: dict[int | str, int | str] | None = None
+    if cfg.max_memory is not None:
+        max_memory = {int(k) if k.isdigit() else k: v for k, v in cfg.max_memory.items()}
+    try:
+        model = load_model(
+            cfg.model,
+            dtype=getattr(torch, cfg.dtype),
+            device=cfg.device,
+            device_map=cfg.device_map,
+            max_memory=max_memory,
+        )
+    except OSError as err:  # not on the hub, no access, no network
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"--model {cfg.model}: cannot load it ({first})") from None
+    if cfg.prompt_format is not None:
+        fmt = PromptFormat.parse(cfg.prompt_format)
+        if fmt.kind == "chat" and not getattr(model.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"--prompt-format chat: {cfg.model} has no chat template (use raw or a template)"
+            )
+    else:
+        fmt = default_format(model.tokenizer)
+    if cfg.layers is not None and max(cfg.layers) >= int(model.cfg.n_layers):
+        raise ConfigError(
+            f"--layers {list(cfg.layers)}: the model has {model.cfg.n_layers} layers (0-based)"
+        )
+    return model, fmt
+
+
+def threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The seeded prompt splits of a run (see the module docstring)."""
+
+    benign_train: PromptSet
+    benign_val: PromptSet
+    harmful_train: PromptSet
+    harmful_val: PromptSet
+    harmful_test: PromptSet
+    benign_test: PromptSet
+
+    def sets(self) -> dict[str, PromptSet]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def splits(
+    data: Data,
+    cfg: RunConfig,
+    *,
+    n_harmful_test: int | None = None,
+    n_benign_test: int | None = None,
+) -> Splits:
+    """The standard splits; validation sets capped at ``cfg.n_val``, test sets optionally
+    sampled."""
+    seed, n_val, parts = cfg.seed, cfg.n_val, (1 - cfg.val_fraction, cfg.val_fraction)
+    benign_train, benign_val = data.prompts("builtin_benign").split(parts, seed=seed)
+    dna = data.prompts("do_not_answer").deduplicated()
+    if cfg.n_harmful_train is not None:
+        dna = dna.sample(min(cfg.n_harmful_train, len(dna)), seed=seed)
+    dna_train, dna_val = dna.split(parts, seed=seed)
+    hb_train, hb_val, harmful_test = data.prompts("harmbench").split((0.4, 0.1, 0.5), seed=seed)
+    harmful_train = PromptSet.concat("harmful_train", dna_train, hb_train)
+    harmful_val = PromptSet.concat("harmful_val", dna_val, hb_val)
+    benign_test = data.prompts("mt_bench")
+
+    def cap(ps: PromptSet, n: int | None) -> PromptSet:
+        return ps if n is None or n >= len(ps) else ps.sample(n, seed=seed)
+
+    return Splits(
+        benign_train=benign_train,
+        benign_val=cap(benign_val, n_val),
+        harmful_train=harmful_train,
+        harmful_val=cap(harmful_val, n_val),
+        harmful_test=cap(harmful_test, n_harmful_test),
+        benign_test=cap(benign_test, n_benign_test),
+    )
+
+
+# --- the fit --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What the recipe fitted: layers (and how chosen), activations at every cached layer,
+    refusal directions, AlphaSteer, ActAdd of the same directions at the same layers."""
+
+    choice: LayerChoice
+    benign: Activations
+    harmful: Activations
+    direction_benign: Activations
+    refusal: dict[int, Tensor]
+    alphasteer: AlphaSteer
+    actadd: ActAdd
+    refused_fraction: float | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.choice.layers)
+
+
+def select_layers(
+    model: HookedModel, sp: Splits, cfg: RunConfig, fmt: PromptFormat, *, progress: bool = True
+) -> LayerChoice:
+    """Layers chosen on validation data (:func:`~.layers.choose_layers`), with directions from
+    ``n_select_fit`` harmful training prompts and as many length-matched benign ones, cached at
+    the candidate layers only: the full fit then caches just the chosen layers."""
+    stride = candidate_layers(
+        int(model.cfg.n_layers), skip_last=cfg.skip_last, stride=cfg.select_stride
+    )
+    harmful = sp.harmful_train.sample(min(cfg.n_select_fit, len(sp.harmful_train)), seed=cfg.seed)
+    benign = (
+        sp.benign_train.length_matched(harmful)
+        if cfg.length_matched
+        else sp.benign_train.sample(min(cfg.n_select_fit, len(sp.benign_train)), seed=cfg.seed)
+    )
+    kw: dict[str, Any] = {
+        "layers": stride, "batch_size": cfg.batch_size, "prompt_format": fmt,
+        "progress": progress,
+    }  # fmt: skip
+    acts_h = cache_activations(model, list(harmful), desc="selection: harmful", **kw)
+    acts_b = cache_activations(model, list(benign), desc="selection: benign", **kw)
+    n = cfg.n_select
+    return choose_layers(
+        model,
+        {layer: diff_in_means(acts_h[layer], acts_b[layer]) for layer in stride},
+        list(sp.harmful_val[: min(n, len(sp.harmful_val))]),
+        list(sp.benign_val[: min(n, len(sp.benign_val))]),
+        width=cfg.n_steer_layers,
+        skip_last=cfg.skip_last,
+        strength=cfg.select_strength,
+        batch_size=cfg.batch_size,
+        prompt_format=fmt,
+        progress=progress,
+    )
+
+
+def fit(
+    model: HookedModel,
+    sp: Splits,
+    cfg: RunConfig,
+    fmt: PromptFormat,
+    *,
+    extra_layers: tuple[int, ...] = (),
+    cache: bool | Path = False,
+    progress: bool = True,
+) -> Fit:
+    """Choose the layers if none are given (:func:`select_layers`), cache activations at the
+    steered layers (and ``extra_layers``), build the refusal directions, fit AlphaSteer."""
+    if cfg.layers is not None:
+        choice = LayerChoice(tuple(cfg.layers), "given")
+    else:
+        choice = select_layers(model, sp, cfg, fmt, progress=progress)
+    layers = list(choice.layers)
+    need = sorted(set(layers) | set(extra_layers))
+    kw: dict[str, Any] = {
+        "layers": need, "batch_size": cfg.batch_size, "prompt_format": fmt, "cache": cache,
+        "progress": progress,
+    }  # fmt: skip
+    acts_b = cache_activations(model, list(sp.benign_train), desc="benign activations", **kw)
+    acts_h = cache_activations(model, list(sp.harmful_train), desc="harmful activations", **kw)
+    dir_b = (
+        acts_b.select(sp.benign_train.length_matched_indices(sp.harmful_train))
+        if cfg.length_matched
+        else acts_b
+    )
+    refusal = {layer: diff_in_means(acts_h[layer], dir_b[layer]) for layer in need}
+    refused_fraction = None
+    if cfg.direction == "refused_minus_complied":
+        answers = generate(
+            model, list(sp.harmful_train), max_new_tokens=cfg.label_tokens,
+            batch_size=cfg.batch_size, prompt_format=fmt, progress=progress,
+            desc="labelling harmful answers",
+        )  # fmt: skip
+        refused = KeywordJudge().judge(answers)
+        refused_fraction = sum(refused) / len(refused)
+        refusal = {
+            **refusal,
+            **{layer: refused_minus_complied(acts_h[layer], refused) for layer in layers},
+        }
+    alphasteer = AlphaSteer.fit(
+        acts_b.by_layer(), acts_h.by_layer(), refusal, layers=layers, ratio=cfg.ratio,
+        alpha=cfg.alpha,
+    )  # fmt: skip
+    actadd = ActAdd(tuple(layers), torch.stack([refusal[layer] for layer in layers]))
+    return Fit(choice, acts_b, acts_h, dir_b, refusal, alphasteer, actadd, refused_fraction)
+
+
+# --- λ on validation data -------------------------------------------------------------------
+
+
+def validation_sweep(
+    model: HookedModel,
+    harmful: list[str],
+    benign: list[str],
+    steerings: dict[str, Steering],
+    strengths: tuple[float, ...],
+    *,
+    fmt: PromptFormat,
+    batch_size: int,
+    harmful_only: tuple[str, ...] = (),
+    progress: bool = True,
+) -> pd.DataFrame:
+    """First-token refusal score and rate (log-odds > 0) on validation sets, per (method, λ),
+    with the vanilla model as ``("vanilla", 0.0)``. Methods in ``harmful_only`` are scored on
+    the harmful set only (their benign columns are None): ActAdd's λ is matched on harmful
+    refusal alone, so its benign passes would cost time and decide nothing."""
+    ids = RefusalTokens.from_tokenizer(model.tokenizer).ids
+    kw: dict[str, Any] = {"batch_size": batch_size, "prompt_format": fmt, "progress": progress}
+    runs: list[tuple[str, Steering | None, float]] = [("vanilla", None, 0.0)]
+    runs += [(name, st, lam) for name, st in steerings.items() for lam in strengths]
+    rows = []
+    for name, st, lam in runs:
+        row: dict[str, Any] = {"method": name, "strength": lam}
+        for side, ps in (("harmful", harmful), ("benign", benign)):
+            if side == "benign" and name in harmful_only:
+                row |= {"benign_score": None, "benign_refusal": None}
+                continue
+            logits = next_token_logits(
+                model, ps, steering=st, strength=lam, desc=f"val {name} {lam}", **kw
+            )
+            score = refusal_score(logits, ids)
+            row[f"{side}_score"] = score.mean().item()
+            row[f"{side}_refusal"] = (score > 0).float().mean().item()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def choose_strengths(sweep: pd.DataFrame, max_benign_rise: float) -> tuple[float, float]:
+    """AlphaSteer's λ: the highest harmful first-token refusal on validation data among the
+    strengths whose benign first-token refusal rises by at most ``max_benign_rise`` (ties go to
+    the smaller λ). ActAdd's λ: the one whose harmful refusal comes closest to that."""
+    base = sweep[sweep.method == "vanilla"].iloc[0]
+    a = sweep[sweep.method == "alphasteer"].sort_values("strength")
+    ok = a[a.benign_refusal <= base.benign_refusal + max_benign_rise + 1e-9]
+    pool = ok if len(ok) else a.head(1)
+    best = pool.loc[pool.harmful_refusal.idxmax()]
+    b = sweep[sweep.method == "actadd"].sort_values("strength")
+    act = b.iloc[int((b.harmful_refusal - best.harmful_refusal).abs().to_numpy().argmin())]
+    return float(best.strength), float(act.strength)
+
+
+def library_format(fmt: PromptFormat, model: HookedModel) -> None:
+    """Parts of the library that take no ``prompt_format`` yet (sweeps, PCA, SCANS, the audit)
+    read prompts in the model's default format: any other format is a :class:`ConfigError`."""
+    if fmt != default_format(model.tokenizer):
+        raise ConfigError(
+            f"--prompt-format {fmt.kind}: this pipeline supports only the model's default "
+            f"format ({default_format(model.tokenizer).kind}) for now"
+        )

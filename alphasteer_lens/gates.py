@@ -1,0 +1,690 @@
+"""Gated steering: steer only the prompts a score says to, with the threshold set by calibration.
+
+Two gates on the one steering runtime (:mod:`alphasteer_lens.steering`):
+
+- :class:`CalibratedAlphaSteer`: AlphaSteer's own score ``s_l = h_last·w_l`` with a **dead zone**.
+  The prompt's gate score is the running maximum of its layer scores, ``m_l = max_{j ≤ l} s_j``
+  (layers in model order); the steering added at layer ``l`` is ``g(m_l) · s_l · r_l`` with
+  ``g(m) = clip((m − τ) / margin, 0, 1)`` (a linear ramp; ``margin=0``: a hard step). So nothing
+  at all is added to a prompt whose every layer score is ``≤ τ``, and a prompt clearly above τ gets
+  AlphaSteer's full steering. ``τ`` comes from **split-conformal calibration** on held-out benign
+  prompts (:func:`conformal_threshold`): with exchangeable data, a new benign prompt from the
+  calibration distribution is steered at all with probability ``≤ ε``. ``mode="layer"`` instead
+  gates each layer on its own score with its own τ_l (no latch; the guarantee then holds per layer).
+- :class:`Cast`: the CAST baseline (IBM activation-steering, ICLR 2025): the cosine of ``h_last``
+  with a condition direction at one condition layer, compared with a threshold chosen by F1 on a
+  grid, switches ActAdd of the refusal vectors at the steered layers on or off for the prompt.
+
+Why a per-prompt decision (``mode="prompt"``) and why the plain maximum: see ``docs/GATES.md``.
+In short, AlphaSteer's fit already puts every layer's score on one scale (malicious rows ≈ 1), so
+``max_l s_l`` is one calibrated number per prompt; the first layer a prompt fires at sees unsteered
+activations, so the scores of a never-firing prompt computed from cached (unsteered) activations
+are exactly the ones the hooks see, and the guarantee on cached scores is the guarantee at run time.
+
+:func:`gate_report` and :func:`gate_histogram` turn cached activations into per-layer scores and
+decisions (which prompts fired, at which layer) and a histogram figure per layer.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from alphasteer_lens.alphasteer import AlphaSteer
+from alphasteer_lens.hookpoints import RESID_PRE, check_template, hook_name
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+GateMode = Literal["prompt", "layer"]
+TooFew = Literal["warn", "raise", "ignore"]
+
+__all__ = [
+    "CalibratedAlphaSteer",
+    "Cast",
+    "ConformalWarning",
+    "best_threshold_f1",
+    "conformal_rank",
+    "conformal_threshold",
+    "condition_direction",
+    "false_steer_rate",
+    "gate_histogram",
+    "gate_report",
+]
+
+
+class ConformalWarning(UserWarning):
+    """Too few calibration scores for the requested ε: the threshold is +inf (never steer)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-conformal threshold
+
+
+def _as_scores(scores: Any, what: str = "scores") -> np.ndarray:
+    x = scores.detach().double().cpu().numpy() if isinstance(scores, Tensor) else scores
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{what} must be 1-D (one score per prompt), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{what} are empty: calibration needs at least one benign prompt")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or inf")
+    return x
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"eps (the benign false-steer rate) must be in (0, 1), got {eps!r}")
+    return float(eps)
+
+
+def conformal_rank(n: int, eps: float) -> int:
+    """``k = ⌈(n+1)(1−ε)⌉``: the rank (1-based, ascending) of the split-conformal threshold among
+    ``n`` calibration scores. ``k > n`` means n is too small for this ε (n < 1/ε − 1)."""
+    eps = _check_eps(eps)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    # Exact rational arithmetic for the ceiling: (n+1)(1-ε) in floats can land a hair above an
+    # integer (e.g. 100 * 0.99 = 99.00000000000001) and push k up by one.
+    from fractions import Fraction
+
+    return math.ceil((n + 1) * (1 - Fraction(eps).limit_denominator(10**12)))
+
+
+def conformal_threshold(scores: Any, eps: float, *, too_few: TooFew = "warn") -> float:
+    """Split-conformal threshold: ``τ`` = the ``⌈(n+1)(1−ε)⌉``-th smallest of the ``n`` benign
+    calibration scores.
+
+    For a new benign score ``s`` exchangeable with the calibration scores, ``P(s > τ) ≤ ε``
+    (and ``≥ ε − 1/(n+1)`` without ties); gate a steering on ``s > τ`` and at most ε of such
+    prompts are steered. Ties only make it more conservative.
+
+    When ``⌈(n+1)(1−ε)⌉ > n`` (fewer than ``1/ε − 1`` scores) no finite threshold has the
+    guarantee and ``τ = +inf`` (never steer). ``too_few`` says what else happens then: "warn"
+    (default) issues a :class:`ConformalWarning` naming how many scores are needed, "raise" raises
+    ``ValueError``, "ignore" is silent.
+    """
+    x = _as_scores(scores, "calibration scores")
+    n = int(x.size)
+    k = conformal_rank(n, eps)
+    if k > n:
+        need = math.ceil((1 - eps) / eps - 1e-12)
+        msg = (
+            f"conformal_threshold: {n} calibration scores are too few for eps={eps} (need at least "
+            f"{need}); the threshold is +inf, so the gate never steers"
+        )
+        if too_few == "raise":
+            raise ValueError(msg)
+        if too_few == "warn":
+            warnings.warn(msg, ConformalWarning, stacklevel=2)
+        elif too_few != "ignore":
+            raise ValueError(f"too_few must be 'warn', 'raise' or 'ignore', got {too_few!r}")
+        return math.inf
+    return float(np.partition(x, k - 1)[k - 1])
+
+
+def false_steer_rate(scores: Any, tau: float) -> float:
+    """The fraction of scores strictly above ``tau``: the realised false-steer rate of benign
+    prompts (the gate fires on ``s > τ``)."""
+    x = _as_scores(scores)
+    return float((x > tau).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated AlphaSteer
+
+
+def _layer_order(layers: Sequence[int]) -> list[int | None]:
+    """For each index i of ``layers``, the index of the nearest earlier layer (or None)."""
+    order = sorted(range(len(layers)), key=lambda i: layers[i])
+    prev: list[int | None] = [None] * len(layers)
+    for a, b in zip(order, order[1:], strict=False):
+        prev[b] = a
+    return prev
+
+
+def _scores_matrix(
+    base: AlphaSteer, scores: Mapping[int, Any] | Tensor | np.ndarray
+) -> Float[Tensor, "n layer"]:
+    """Benign scores as ``[n, n_layers]`` float64 in ``base.layers`` order."""
+    if isinstance(scores, Mapping):
+        missing = [layer for layer in base.layers if layer not in scores]
+        if missing:
+            raise ValueError(f"benign scores are missing layers {missing} (have {sorted(scores)})")
+        cols = [torch.as_tensor(np.asarray(_as_scores(scores[layer], f"layer {layer} scores")))
+                for layer in base.layers]  # fmt: skip
+        if len({c.shape[0] for c in cols}) != 1:
+            raise ValueError("benign scores hold different numbers of prompts per layer")
+        return torch.stack(cols, 1)
+    m = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+    if m.ndim != 2 or m.shape[1] != len(base.layers):
+        raise ValueError(
+            f"benign scores must be a mapping layer -> [n] or an [n, {len(base.layers)}] array, "
+            f"got shape {tuple(m.shape)}"
+        )
+    if not torch.isfinite(m).all():
+        raise ValueError("benign scores contain NaN or inf")
+    return m
+
+
+@dataclass(frozen=True)
+class CalibratedAlphaSteer:
+    """AlphaSteer with a conformally calibrated dead zone (see the module docstring).
+
+    ``tau`` is one threshold per layer (``mode="prompt"`` uses the same value at every layer); it
+    is ``None`` until :meth:`calibrate` (a steering with ``tau=None`` refuses to run). ``margin``
+    is the width of the linear ramp above τ (0: a hard step). ``eps`` and ``n_calibration`` record
+    how τ was made; ``scale`` divides each layer's score before gating (default 1: AlphaSteer's fit
+    already maps malicious prompts to ≈ 1 at every layer).
+    """
+
+    base: AlphaSteer
+    tau: tuple[float, ...] | None = None
+    margin: float = 0.25
+    mode: GateMode = "prompt"
+    eps: float | None = None
+    n_calibration: int = 0
+    scale: tuple[float, ...] | None = None
+    default_positions: ClassVar[str] = "prompt"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, AlphaSteer):
+            raise ValueError(f"base must be an AlphaSteer, got {type(self.base).__name__}")
+        if self.mode not in ("prompt", "layer"):
+            raise ValueError(f"mode must be 'prompt' or 'layer', got {self.mode!r}")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin}")
+        n = len(self.base.layers)
+        for name in ("tau", "scale"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            v = tuple(float(x) for x in v)
+            if len(v) != n:
+                raise ValueError(f"{name} has {len(v)} values for {n} layers")
+            if any(math.isnan(x) for x in v):
+                raise ValueError(f"{name} contains NaN")
+            object.__setattr__(self, name, v)
+        if self.scale is not None and any(not (s > 0 and math.isfinite(s)) for s in self.scale):
+            raise ValueError(f"scale values must be finite and > 0, got {self.scale}")
+        object.__setattr__(self, "_prev", tuple(_layer_order(self.base.layers)))
+
+    # The runtime reads these.
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.base.layers
+
+    @property
+    def hook_template(self) -> str:
+        return self.base.hook_template
+
+    @property
+    def r(self) -> Tensor:
+        return self.base.r
+
+    @property
+    def w(self) -> Tensor:
+        return self.base.w
+
+    def hook_name(self, layer: int) -> str:
+        return self.base.hook_name(layer)
+
+    # Scores and calibration.
+    def layer_scores(self, acts: Mapping[int, Tensor]) -> Float[Tensor, "n layer"]:
+        """``s_l / scale_l`` per prompt and steered layer from cached (unsteered) last-token
+        activations ``{layer: [n, d]}`` (float64, ``base.layers`` order)."""
+        cols = [self.base.malicious_scores(layer, acts[layer]).cpu() for layer in self.layers]
+        s = torch.stack(cols, 1)
+        if self.scale is not None:
+            s = s / torch.tensor(self.scale, dtype=torch.float64)
+        return s
+
+    def gate_scores(self, scores: Float[Tensor, "n layer"]) -> Float[Tensor, "n layer"]:
+        """What is compared with τ at each layer: the running maximum over earlier layers (in
+        model order) for ``mode="prompt"``, the layer's own score for ``mode="layer"``."""
+        if self.mode == "layer":
+            return scores
+        order = sorted(range(len(self.layers)), key=lambda i: self.layers[i])
+        out = scores.clone()
+        out[:, order] = torch.cummax(scores[:, order], dim=1).values
+        return out
+
+    def prompt_scores(self, scores: Float[Tensor, "n layer"]) -> Float[Tensor, " n"]:
+        """One conformal score per prompt for ``mode="prompt"``: ``max_l s_l``."""
+        return scores.max(1).values
+
+    def calibrate(
+        self,
+        benign_scores_per_layer: Mapping[int, Any] | Tensor | np.ndarray,
+        eps: float = 0.02,
+        *,
+        groups: Sequence[Any] | None = None,
+        too_few: TooFew = "warn",
+    ) -> CalibratedAlphaSteer:
+        """A copy with τ set by split conformal on benign calibration scores (``{layer: [n]}`` or
+        ``[n, n_layers]``, each ``h_last·w_l`` of a held-out benign prompt, before ``scale``).
+
+        ``mode="prompt"``: τ = :func:`conformal_threshold` of ``max_l s_l`` at ε, the same at
+        every layer, so ``P(a new benign prompt is steered at any layer) ≤ ε``. ``mode="layer"``:
+        τ_l of each layer's own scores at ε (each layer fires on ≤ ε of benign prompts; the
+        chance that some layer does is at most ``len(layers)·ε``). Keep the calibration prompts
+        apart from those that fitted ``w`` or chose λ: the guarantee needs them exchangeable with
+        the new prompts, which fit data are not.
+
+        ``groups`` (one label per calibration prompt, e.g. its source: plain benign, CoCoNot,
+        borderline) calibrates each group on its own and keeps the largest τ (Mondrian / group-
+        conditional split conformal): the bound then holds for each group's distribution, not
+        only for the mixture the calibration pool happens to be."""
+        eps = _check_eps(eps)
+        s = _scores_matrix(self.base, benign_scores_per_layer)
+        if self.scale is not None:
+            s = s / torch.tensor(self.scale, dtype=torch.float64)
+        return replace(
+            self,
+            tau=self._thresholds(s, eps, groups, too_few),
+            eps=eps,
+            n_calibration=int(s.shape[0]),
+        )
+
+    def _thresholds(
+        self, s: Tensor, eps: float, groups: Sequence[Any] | None, too_few: TooFew
+    ) -> tuple[float, ...]:
+        if groups is not None:
+            labels = list(groups)
+            if len(labels) != s.shape[0]:
+                raise ValueError(f"{len(labels)} group labels for {s.shape[0]} calibration scores")
+            parts = [
+                self._thresholds(
+                    s[[i for i, g in enumerate(labels) if g == lab]], eps, None, too_few
+                )
+                for lab in dict.fromkeys(labels)
+            ]
+            return tuple(max(col) for col in zip(*parts, strict=True))
+        if self.mode == "prompt":
+            return (conformal_threshold(self.prompt_scores(s), eps, too_few=too_few),) * s.shape[1]
+        return tuple(conformal_threshold(s[:, i], eps, too_few=too_few) for i in range(s.shape[1]))
+
+    def calibrate_activations(
+        self,
+        benign: Mapping[int, Tensor],
+        eps: float = 0.02,
+        *,
+        groups: Sequence[Any] | None = None,
+        too_few: TooFew = "warn",
+    ) -> CalibratedAlphaSteer:
+        """:meth:`calibrate` from cached benign last-token activations ``{layer: [n, d]}``."""
+        raw = {layer: self.base.malicious_scores(layer, benign[layer]) for layer in self.layers}
+        return self.calibrate(raw, eps, groups=groups, too_few=too_few)
+
+    def _tau(self) -> Tensor:
+        if self.tau is None:
+            raise RuntimeError(
+                "CalibratedAlphaSteer has no threshold yet: call .calibrate(benign_scores, eps) "
+                "with held-out benign calibration scores"
+            )
+        return torch.tensor(self.tau, dtype=torch.float64)
+
+    def gate(self, gate_scores: Tensor, i: int | None = None) -> Tensor:
+        """The gate factor ``clip((m − τ)/margin, 0, 1)`` (hard step for margin 0): exactly 0
+        where ``m ≤ τ``. ``i`` picks one layer's τ; else ``gate_scores`` is ``[n, n_layers]``."""
+        tau = self._tau().to(gate_scores.device)
+        t = tau[i] if i is not None else tau
+        g = gate_scores.double() - t
+        if self.margin == 0:
+            return (g > 0).to(torch.float64)
+        return (g / self.margin).clamp(0.0, 1.0)
+
+    def decisions(self, acts: Mapping[int, Tensor]) -> Float[Tensor, "n layer"]:
+        """Gate factors per prompt and layer predicted from cached unsteered activations. Exact
+        for every prompt up to the first layer it fires at (later layers see steered inputs)."""
+        return self.gate(self.gate_scores(self.layer_scores(acts)))
+
+    # Runtime.
+    def delta(self, i: int, h: Float[Tensor, "batch pos d_model"], state: Any) -> Tensor:
+        """``g_i · s_i · r_i`` for every position (the runtime applies λ and the mask). During
+        the prefill each layer reads ``s_i`` at the last prompt token, forms the gate score (the
+        running max with the previous layer's, kept in ``state.memo``) and keeps ``g_i · s_i``
+        for the decode steps."""
+        key = ("calibrated_alphasteer", id(self), i)
+        last = state.last_prompt(h)
+        if last is not None:
+            self._tau()  # raises before any state is touched when uncalibrated
+            s = self.base.scores(i, last).double()
+            if self.scale is not None:
+                s = s / self.scale[i]
+            m = s
+            prev = self._prev[i]  # type: ignore[attr-defined]
+            if self.mode == "prompt" and prev is not None:
+                before = state.memo.get(("calibrated_alphasteer_max", id(self), prev))
+                if before is None:
+                    raise RuntimeError(
+                        f"CalibratedAlphaSteer: layer {self.layers[i]} ran before layer "
+                        f"{self.layers[prev]} in this pass; layers must run in model order"
+                    )
+                m = torch.maximum(m, before.to(m.device))
+            state.memo[("calibrated_alphasteer_max", id(self), i)] = m
+            g = self.gate(m, i)
+            coef = (g * s).to(torch.float32)
+            if self.scale is not None:
+                coef = coef * float(self.scale[i])  # steering uses the raw score s·scale
+            state.memo[key] = coef
+        elif key not in state.memo:
+            raise RuntimeError(
+                "CalibratedAlphaSteer: a decode step came before any prefill of its prompt"
+            )
+        coef = state.memo[key].to(h.device)
+        return coef.reshape(-1, 1, 1) * self.base.r[i].to(h.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# CAST
+
+
+def condition_direction(
+    harmful: Float[Tensor, "n d_model"],
+    benign: Float[Tensor, "m d_model"],
+    *,
+    method: Literal["mean_diff", "pca"] = "mean_diff",
+) -> Float[Tensor, " d_model"]:
+    """A unit condition direction at one layer, pointing toward the harmful side: the
+    difference of means, or (as IBM's CAST) the first principal component of the pooled,
+    centred activations, signed so that harmful prompts project above benign ones."""
+    a = harmful.detach().double().cpu()
+    b = benign.detach().double().cpu()
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not len(a) or not len(b):
+        raise ValueError(
+            f"condition_direction needs two non-empty [n, d] sets of one d, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    diff = a.mean(0) - b.mean(0)
+    if method == "mean_diff":
+        v = diff
+    elif method == "pca":
+        x = torch.cat([a, b])
+        x = x - x.mean(0)
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)
+        v = vh[0]
+        if float(v @ diff) < 0:
+            v = -v
+    else:
+        raise ValueError(f"method must be 'mean_diff' or 'pca', got {method!r}")
+    norm = float(v.norm())
+    if norm == 0:
+        raise ValueError("condition direction is the zero vector (identical sets?)")
+    return (v / norm).to(torch.float32)
+
+
+def _cosine(h: Tensor, c: Tensor) -> Tensor:
+    h = h.double()
+    c = c.to(h.device, torch.float64)
+    return (h @ c) / (h.norm(dim=-1) * c.norm()).clamp_min(1e-30)
+
+
+def best_threshold_f1(
+    positive: Any, negative: Any, grid: Sequence[float] | np.ndarray | None = None
+) -> tuple[float, float]:
+    """The threshold θ of a grid maximising F1 of "score ≥ θ means positive" (ties: the
+    largest θ, i.e. the fewest benign prompts steered); returns ``(θ, F1)``. The default grid is
+    every observed score (which the best F1 over any threshold is attained at), as IBM's grid
+    search over cosine thresholds does with a fixed step."""
+    pos = _as_scores(positive, "positive scores")
+    neg = _as_scores(negative, "negative scores")
+    cand = np.unique(np.concatenate([pos, neg])) if grid is None else np.asarray(grid, float)
+    if cand.ndim != 1 or cand.size == 0:
+        raise ValueError("threshold grid is empty")
+    tp = (pos[None, :] >= cand[:, None]).sum(1)
+    fp = (neg[None, :] >= cand[:, None]).sum(1)
+    fn = pos.size - tp
+    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    best = np.flatnonzero(f1 == f1.max())
+    j = best[np.argmax(cand[best])]
+    return float(cand[j]), float(f1[j])
+
+
+@dataclass(frozen=True)
+class Cast:
+    """CAST (conditional activation steering): a per-prompt condition gating ActAdd.
+
+    At ``condition_layer`` the cosine of ``h_last`` with ``condition`` (unit) is compared with
+    ``threshold``; if ``≥`` (``comparator="ge"``; ``"le"`` flips it) the prompt gets ``λ v_l`` at
+    every steered layer, else nothing. ``layers`` are the hook points this steering needs: the
+    steered layers plus the condition layer (its vector row is zero when it is not steered).
+    The condition layer must not come after the first steered layer (the decision must exist
+    before it is used); the decision is kept in ``state.memo`` for the decode steps.
+    """
+
+    condition_layer: int
+    condition: Float[Tensor, " d_model"]
+    threshold: float
+    steer_layers: tuple[int, ...]
+    steer_vectors: Float[Tensor, "layer d_model"]
+    hook_template: str = RESID_PRE
+    comparator: Literal["ge", "le"] = "ge"
+    f1: float | None = None
+    layers: tuple[int, ...] = field(init=False)
+    vectors: Tensor = field(init=False)
+    default_positions: ClassVar[str] = "prompt"
+
+    def __post_init__(self) -> None:
+        steer = tuple(int(x) for x in self.steer_layers)
+        if not steer or len(set(steer)) != len(steer) or min(steer) < 0:
+            raise ValueError(f"Cast: steer_layers must be unique non-negative ints, got {steer}")
+        v = self.steer_vectors
+        if not isinstance(v, Tensor) or v.ndim != 2 or v.shape[0] != len(steer):
+            raise ValueError("Cast: steer_vectors must be [len(steer_layers), d_model]")
+        c = self.condition
+        if not isinstance(c, Tensor) or c.ndim != 1 or c.shape[0] != v.shape[1]:
+            raise ValueError(f"Cast: condition must be a [{v.shape[1]}] vector")
+        if float(c.norm()) == 0 or not torch.isfinite(c).all() or not torch.isfinite(v).all():
+            raise ValueError("Cast: condition must be a finite non-zero vector, vectors finite")
+        if int(self.condition_layer) > min(steer):
+            raise ValueError(
+                f"Cast: condition layer {self.condition_layer} comes after the first steered "
+                f"layer {min(steer)}; the decision would be made too late"
+            )
+        if self.comparator not in ("ge", "le"):
+            raise ValueError(f"comparator must be 'ge' or 'le', got {self.comparator!r}")
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {self.threshold}")
+        check_template(self.hook_template)
+        cl = int(self.condition_layer)
+        layers = tuple(sorted(set(steer) | {cl}))
+        rows = []
+        for layer in layers:
+            rows.append(v[steer.index(layer)] if layer in steer else torch.zeros_like(v[0]))
+        object.__setattr__(self, "condition_layer", cl)
+        object.__setattr__(self, "steer_layers", steer)
+        object.__setattr__(self, "steer_vectors", v.detach().float())
+        object.__setattr__(self, "condition", (c / c.norm()).detach().float())
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "vectors", torch.stack(rows).detach().float())
+        object.__setattr__(self, "threshold", float(self.threshold))
+
+    def hook_name(self, layer: int) -> str:
+        return hook_name(self.hook_template, layer)
+
+    def similarity(self, h_last: Float[Tensor, "n d_model"]) -> Float[Tensor, " n"]:
+        """Cosine of each row with the condition direction (float64)."""
+        return _cosine(h_last, self.condition)
+
+    def decide(self, h_last: Float[Tensor, "n d_model"]) -> Tensor:
+        """Boolean decision per row from condition-layer last-token activations."""
+        sim = self.similarity(h_last)
+        return sim >= self.threshold if self.comparator == "ge" else sim <= self.threshold
+
+    @classmethod
+    def fit(
+        cls,
+        harmful: Float[Tensor, "n d_model"],
+        benign: Float[Tensor, "m d_model"],
+        *,
+        condition_layer: int,
+        steer_layers: Sequence[int],
+        steer_vectors: Float[Tensor, "layer d_model"],
+        method: Literal["mean_diff", "pca"] = "mean_diff",
+        grid: Sequence[float] | np.ndarray | None = None,
+        hook_template: str = RESID_PRE,
+        select_harmful: Float[Tensor, "p d_model"] | None = None,
+        select_benign: Float[Tensor, "q d_model"] | None = None,
+    ) -> Cast:
+        """Condition direction from ``harmful``/``benign`` condition-layer activations, threshold
+        by F1 on ``grid`` (default: 0.00, 0.01, …, 1.00 as IBM's step, plus negative values)
+        over ``select_*`` activations (default: the same ones)."""
+        c = condition_direction(harmful, benign, method=method)
+        sh = harmful if select_harmful is None else select_harmful
+        sb = benign if select_benign is None else select_benign
+        g = np.round(np.arange(-1.0, 1.0001, 0.01), 2) if grid is None else grid
+        theta, f1 = best_threshold_f1(_cosine(sh, c), _cosine(sb, c), g)
+        return cls(
+            condition_layer=condition_layer,
+            condition=c,
+            threshold=theta,
+            steer_layers=tuple(steer_layers),
+            steer_vectors=steer_vectors,
+            hook_template=hook_template,
+            f1=f1,
+        )
+
+    def delta(self, i: int, h: Float[Tensor, "batch pos d_model"], state: Any) -> Tensor:
+        key = ("cast", id(self))
+        if self.layers[i] == self.condition_layer:
+            last = state.last_prompt(h)
+            if last is not None:
+                state.memo[key] = self.decide(last).to(torch.float32)
+        if key not in state.memo:
+            raise RuntimeError(
+                "Cast: a steered layer ran before the condition layer decided (or a decode step "
+                "came before any prefill)"
+            )
+        on = state.memo[key].to(h.device)
+        return on.reshape(-1, 1, 1) * self.vectors[i].to(h.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports and figures
+
+
+def gate_report(
+    gate: CalibratedAlphaSteer | Cast | AlphaSteer,
+    sets: Mapping[str, Mapping[int, Tensor]],
+    prompts: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """Per-layer gate scores and decisions for cached last-token activations of several prompt
+    sets (``{set name: {layer: [n, d]}}``), one row per (set, prompt, layer).
+
+    Columns: ``set``, ``index``, ``prompt`` (if given), ``layer``, ``score`` (``h_last·w``, or
+    the cosine for CAST), ``gate_score`` (what is compared with τ), ``tau``, ``factor`` (the gate
+    factor at that layer), ``fired`` (factor > 0), ``fired_prompt`` (the prompt is steered at some
+    layer), ``first_layer`` (the first layer it fires at, −1 if none). Scores come from unsteered
+    activations: exact up to each prompt's first firing layer. Plain AlphaSteer has τ = −inf.
+    """
+    import pandas as pd
+
+    frames = []
+    for name, acts in sets.items():
+        if isinstance(gate, CalibratedAlphaSteer):
+            layers = list(gate.layers)
+            raw = gate.layer_scores(acts)
+            gs = gate.gate_scores(raw)
+            tau = np.array(gate.tau if gate.tau is not None else [np.nan] * len(layers))
+            factor = gate.gate(gs).numpy() if gate.tau is not None else np.ones(raw.shape)
+        elif isinstance(gate, AlphaSteer):
+            layers = list(gate.layers)
+            raw = torch.stack([gate.malicious_scores(x, acts[x]).cpu() for x in layers], 1)
+            gs = raw
+            tau = np.full(len(layers), -np.inf)
+            factor = np.ones(raw.shape)
+        elif isinstance(gate, Cast):
+            layers = [gate.condition_layer]
+            raw = gate.similarity(acts[gate.condition_layer]).cpu()[:, None]
+            gs = raw
+            tau = np.array([gate.threshold])
+            factor = gate.decide(acts[gate.condition_layer]).cpu().double().numpy()[:, None]
+        else:
+            raise ValueError(f"gate_report: unsupported steering {type(gate).__name__}")
+        raw_np, gs_np = raw.numpy(), gs.numpy()
+        n = raw_np.shape[0]
+        order = np.argsort(layers)
+        fired = factor > 0
+        any_fired = fired.any(1)
+        first = np.full(n, -1)
+        for j in order[::-1]:
+            first = np.where(fired[:, j], layers[j], first)
+        texts = list(prompts[name]) if prompts is not None and name in prompts else None
+        if texts is not None and len(texts) != n:
+            raise ValueError(f"set {name!r}: {len(texts)} prompts for {n} activation rows")
+        for j, layer in enumerate(layers):
+            frame = pd.DataFrame(
+                {
+                    "set": name,
+                    "index": np.arange(n),
+                    "layer": layer,
+                    "score": raw_np[:, j],
+                    "gate_score": gs_np[:, j],
+                    "tau": tau[j],
+                    "factor": factor[:, j],
+                    "fired": fired[:, j],
+                    "fired_prompt": any_fired,
+                    "first_layer": first,
+                }
+            )
+            if texts is not None:
+                frame.insert(2, "prompt", texts)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+SET_COLOURS = {"benign": "#1f77b4", "harmful": "#d62728", "sensitive": "#2ca02c"}
+
+
+def gate_histogram(
+    report: pd.DataFrame, *, column: str = "score", nbins: int = 40, title: str | None = None
+) -> go.Figure:
+    """Histograms of gate scores per layer (one panel per layer, one colour per set, overlaid),
+    with a dashed line at each layer's τ. Built from :func:`gate_report`."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    need = {"set", "layer", column, "tau"}
+    if not need <= set(report.columns):
+        raise ValueError(f"gate_histogram needs columns {sorted(need)}, got {list(report.columns)}")
+    layers = sorted(report["layer"].unique())
+    cols = min(len(layers), 3)
+    rows = math.ceil(len(layers) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {x}" for x in layers])
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+    sets = list(dict.fromkeys(report["set"]))
+    colours = {s: SET_COLOURS.get(s, palette[i % len(palette)]) for i, s in enumerate(sets)}
+    for k, layer in enumerate(layers):
+        r, c = k // cols + 1, k % cols + 1
+        part = report[report["layer"] == layer]
+        for s in sets:
+            vals = part.loc[part["set"] == s, column]
+            fig.add_trace(
+                go.Histogram(
+                    x=vals, name=s, legendgroup=s, showlegend=k == 0, opacity=0.6,
+                    nbinsx=nbins, marker_color=colours[s], histnorm="probability",
+                ),
+                row=r, col=c,
+            )  # fmt: skip
+        tau = float(part["tau"].iloc[0]) if len(part) else float("nan")
+        if math.isfinite(tau):
+            fig.add_vline(x=tau, line_dash="dash", line_color="black", row=r, col=c)
+    fig.update_layout(
+        barmode="overlay",
+        title=title or f"gate {column} per layer (dashed: τ)",
+        width=320 * cols + 120,
+        height=280 * rows + 120,
+        template="plotly_white",
+    )
+    return fig

@@ -1,0 +1,229 @@
+"""The experiments layer without a model: config base, data resolution, layer choice, report
+helpers, manifests, and the structure rules (library never imports experiments, one recipe)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from alphasteer_lens.experiments import config as C
+from alphasteer_lens.experiments.audit import AuditConfig
+from alphasteer_lens.experiments.compare import CompareConfig
+from alphasteer_lens.experiments.data import DATA_ENV, Data
+from alphasteer_lens.experiments.demo import DemoConfig
+from alphasteer_lens.experiments.docs import main as docs_main
+from alphasteer_lens.experiments.docs import stale_blocks
+from alphasteer_lens.experiments.figures import FigureSettings
+from alphasteer_lens.experiments.layers import best_window, candidate_layers, default_width
+from alphasteer_lens.experiments.manifest import read_manifest
+from alphasteer_lens.experiments.report import check_out_dir, markdown_table
+from alphasteer_lens.experiments.scans import ScansConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "alphasteer_lens"
+SHARED_DATA = REPO / ".." / "shared" / "data"
+PIPELINE_CONFIGS = (DemoConfig, FigureSettings, CompareConfig, ScansConfig, AuditConfig)
+
+
+# --- structure ------------------------------------------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text("utf-8"))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
+
+
+def test_library_never_imports_experiments() -> None:
+    for path in PACKAGE.glob("*.py"):
+        bad = {m for m in _imports(path) if m.startswith("alphasteer_lens.experiments")}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_no_config_field_defined_twice() -> None:
+    base = set(C.RunConfig.__annotations__)
+    seen: dict[str, str] = {}
+    for cls in PIPELINE_CONFIGS:
+        own = set(cls.__annotations__) - {"QUICK"}
+        assert not own & base, f"{cls.__name__} redefines {own & base}"
+        for name in own:
+            assert name not in seen, f"{name} in {seen.get(name)} and {cls.__name__}"
+            seen[name] = cls.__name__
+        assert set(cls.QUICK) <= {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+def test_direction_recipe_written_once() -> None:
+    users = {
+        p.name
+        for p in (PACKAGE / "experiments").glob("*.py")
+        if "length_matched_indices" in p.read_text("utf-8")
+        or "diff_in_means(" in p.read_text("utf-8")
+    }
+    assert users == {"recipe.py"}
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def test_build_config_precedence(tmp_path: Path) -> None:
+    toml = tmp_path / "run.toml"
+    toml.write_text("quick = true\nmax_new_tokens = 5\nlayers = [3, 4]\nstrengths = [1, 2]\n")
+    cfg = C.build_config(DemoConfig, toml=toml, overrides={"max_new_tokens": 7, "seed": None})
+    assert cfg.quick and cfg.max_new_tokens == 7  # flag over TOML over quick preset
+    assert cfg.n_harmful_test == DemoConfig.QUICK["n_harmful_test"]  # preset under the rest
+    assert cfg.layers == (3, 4) and cfg.strengths == (1.0, 2.0) and cfg.seed == 0
+    assert C.build_config(DemoConfig).max_new_tokens == DemoConfig().max_new_tokens
+    (tmp_path / "table.toml").write_text("[run]\nseed = 3\n")
+    assert C.build_config(DemoConfig, toml=tmp_path / "table.toml").seed == 3
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("nope = 1\n", "unknown setting(s) ['nope']"),
+        ('batch_size = "x"\n', "'batch_size' must be int"),
+        ("ratio = 1.5\n", "ratio must be in (0, 1)"),
+        ("layers = []\n", "layers must be non-empty"),
+        ('prompt_format = "weird"\n', "--prompt-format must be"),
+        ("seed = \n", "malformed TOML"),
+    ],
+)
+def test_bad_settings_are_config_errors(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(C.ConfigError) as err:
+        C.build_config(DemoConfig, toml=path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_parsers() -> None:
+    assert C.parse_layers("14-16,20") == (14, 15, 16, 20)
+    assert C.parse_layers("auto") is None and C.parse_layers(None) is None
+    assert C.parse_max_memory("0=20GiB, cpu=64GiB") == {"0": "20GiB", "cpu": "64GiB"}
+    assert C.parse_floats("0.5,1", "--strengths") == (0.5, 1.0)
+    for bad in (lambda: C.parse_layers("a-b"), lambda: C.parse_max_memory("20GiB")):
+        with pytest.raises(C.ConfigError):
+            bad()
+
+
+def test_to_dict_round_trips() -> None:
+    cfg = DemoConfig(layers=(1, 2), max_memory={"0": "1GiB"})
+    again = C.build_config(DemoConfig, settings=json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def test_data_from_a_directory_and_the_environment(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "harmbench.json").write_text(json.dumps(["Do a bad thing.", "Do worse."]))
+    data = Data.from_dir(tmp_path)
+    assert data.prompts("harmbench").prompts == ("Do a bad thing.", "Do worse.")  # dir first
+    assert data.where("harmbench") == str(tmp_path / "harmbench.json")
+    assert data.where("sensitive_benign") == "builtin"
+    assert data.optional("alphasteer/borderline_val") is None
+    (note,) = data.notes
+    assert "'alphasteer/borderline_val' not found under" in note and "--data" in note
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert Data.from_dir(None).root == tmp_path
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "absent"))
+    with pytest.raises(C.ConfigError, match=f"\\${DATA_ENV}"):
+        Data.from_dir(None)
+    with pytest.raises(C.ConfigError, match="--data"):
+        Data.from_dir(tmp_path / "harmbench.json")
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared/data is not beside the clone")
+def test_shared_data_through_data_dir() -> None:
+    data = Data.from_dir(SHARED_DATA)
+    border = data.prompts("alphasteer/borderline_val", column="query")
+    alpaca = data.eval_set("alphasteer/alpaca_eval", prompt="instruction", reference="output")
+    assert len(border) > 10 and alpaca is not None and alpaca.references is not None
+    assert data.notes == []
+
+
+# --- layer choice ---------------------------------------------------------------------------
+
+
+def test_candidate_layers_skip_the_top_share() -> None:
+    assert candidate_layers(30) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]
+    assert candidate_layers(30, stride=1)[-1] == 23
+    assert candidate_layers(3) == [0, 1] and candidate_layers(1) == [0]
+    assert default_width(30) == 5 and default_width(3) == 1
+
+
+def test_best_window() -> None:
+    table = pd.DataFrame({"layer": [0, 2, 4, 6, 8], "objective": [0.0, 1.0, 3.0, 2.5, -1.0]})
+    assert best_window(table, 3, 10) == (3, 4, 5)  # candidates 4 and 6 inside: mean 2.75
+    assert best_window(table, 1, 10) == (4,)
+    assert best_window(table, 20, 4) == (0, 1, 2, 3)
+    assert best_window(table[table.layer >= 2], 20, 6) == (2, 3, 4, 5)
+
+
+# --- report helpers and manifests -----------------------------------------------------------
+
+
+def test_markdown_table() -> None:
+    df = pd.DataFrame({"a": [0.12345, float("nan")], "b": ["x", "y"]}, index=["r1", "r2"])
+    assert markdown_table(df).splitlines() == [
+        "|  | a | b |",
+        "|---|---|---|",
+        "| r1 | 0.123 | x |",
+        "| r2 |  | y |",
+    ]
+    assert markdown_table(df, index=False, digits=1).splitlines()[2] == "| 0.1 | x |"
+    multi = df.set_index("b", append=True)
+    assert multi.pipe(markdown_table).splitlines()[0] == "|  | b | a |"
+
+
+def test_check_out_dir(tmp_path: Path) -> None:
+    assert check_out_dir(tmp_path / "new") == tmp_path / "new"
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(C.ConfigError, match="--force"):
+        check_out_dir(tmp_path)
+    assert check_out_dir(tmp_path, force=True) == tmp_path
+    assert check_out_dir(tmp_path, resume=True) == tmp_path
+    with pytest.raises(C.ConfigError, match="not a directory"):
+        check_out_dir(tmp_path / "manifest.json")
+
+
+def test_read_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(C.ConfigError, match="not found"):
+        read_manifest(tmp_path / "manifest.json")
+    (tmp_path / "manifest.json").write_text("[1]")
+    with pytest.raises(C.ConfigError, match="not an alphasteer-lens manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"command": "demo", "config": {"seed": 1}}))
+    assert read_manifest(tmp_path) == ("demo", {"seed": 1})
+
+
+# --- generated doc tables -------------------------------------------------------------------
+
+
+def test_generated_doc_tables_match_their_reports() -> None:
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert [s for d in docs for s in stale_blocks(d)] == []
+
+
+def test_generated_blocks_are_checked_and_rewritten(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("")
+    report = {"methods": {"vanilla": {"strength": 0.0, "harmful_refusal_rate": 0.25}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    doc = tmp_path / "README.md"
+    doc.write_text(
+        "intro\n<!-- generated: demo report.json -->\n| old |\n<!-- end generated -->\nend\n"
+    )
+    assert stale_blocks(doc) == [f"{doc}: demo report.json"]
+    assert docs_main([str(doc)]) == 1 and docs_main(["--write", str(doc)]) == 0
+    assert stale_blocks(doc) == [] and "| vanilla | 0.000 | 0.250 |" in doc.read_text()
+    assert doc.read_text().startswith("intro\n") and doc.read_text().endswith("end\n")

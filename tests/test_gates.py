@@ -1,0 +1,288 @@
+"""Gates: the split-conformal threshold, calibrated AlphaSteer's dead zone, CAST, reports."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alphasteer_lens.activations import cache_activations
+from alphasteer_lens.alphasteer import AlphaSteer
+from alphasteer_lens.gates import (
+    CalibratedAlphaSteer,
+    Cast,
+    ConformalWarning,
+    best_threshold_f1,
+    condition_direction,
+    conformal_rank,
+    conformal_threshold,
+    false_steer_rate,
+    gate_histogram,
+    gate_report,
+)
+from alphasteer_lens.generation import generate, next_token_logits
+from alphasteer_lens.steering import SteeringRuntime
+
+PROMPTS = ["Tell me a story about a fox.", "ok", "List three colours of the rainbow, please."]
+
+
+def _brute_force(scores: np.ndarray, eps: float) -> float:
+    """The smallest candidate τ among the scores (and +inf) such that, counting the new point
+    as one more exchangeable draw, at most ε(n+1) of the n+1 points could exceed it: the
+    definition of the split-conformal quantile, by enumeration."""
+    n = len(scores)
+    for t in sorted(scores):
+        # the number of calibration scores ≤ t must be at least (1−ε)(n+1)
+        if sum(s <= t for s in scores) >= (1 - eps) * (n + 1) - 1e-9:
+            return float(t)
+    return math.inf
+
+
+@pytest.mark.parametrize("n", [1, 5, 19, 20, 49, 50, 99, 100, 101, 257])
+@pytest.mark.parametrize("eps", [0.01, 0.02, 0.05, 0.1, 0.25, 0.5])
+def test_conformal_threshold_matches_brute_force(n: int, eps: float) -> None:
+    rng = np.random.default_rng(n * 1000 + int(eps * 100))
+    scores = np.round(rng.normal(size=n), 1)  # rounding makes ties
+    expected = _brute_force(scores, eps)
+    got = conformal_threshold(scores, eps, too_few="ignore")
+    assert got == expected
+    k = math.ceil((n + 1) * (1 - eps) - 1e-9)
+    assert conformal_rank(n, eps) == k
+    if k <= n:
+        assert got == sorted(scores)[k - 1]
+
+
+def test_conformal_rank_exact_for_float_products() -> None:
+    # 100 * 0.99 is 99.00000000000001 in floats; the rank is exactly 99, not 100.
+    assert conformal_rank(99, 0.01) == 99
+    assert conformal_rank(49, 0.02) == 49
+
+
+def test_too_few_scores_policy() -> None:
+    with pytest.warns(ConformalWarning, match="need at least 49"):
+        assert conformal_threshold(np.zeros(10), 0.02) == math.inf
+    with pytest.raises(ValueError, match="too few"):
+        conformal_threshold(np.zeros(10), 0.02, too_few="raise")
+    assert conformal_threshold(np.zeros(49), 0.02, too_few="raise") == 0.0
+    for bad in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError):
+            conformal_threshold(np.zeros(10), bad)
+    with pytest.raises(ValueError, match="NaN"):
+        conformal_threshold(np.array([0.0, np.nan]), 0.5)
+
+
+@pytest.mark.parametrize("dist", ["normal", "exponential", "discrete"])
+def test_realised_false_steer_rate_is_at_most_eps(dist: str) -> None:
+    """Exchangeable data: averaged over calibration draws, the rate on fresh draws is within
+    [ε − 1/(n+1), ε] up to Monte-Carlo slack."""
+    rng = np.random.default_rng(0)
+    eps, n, reps, fresh = 0.05, 199, 400, 2000
+    draw = {
+        "normal": lambda size: rng.normal(size=size),
+        "exponential": lambda size: rng.exponential(size=size),
+        "discrete": lambda size: rng.integers(0, 30, size=size).astype(float),
+    }[dist]
+    rates = [false_steer_rate(draw(fresh), conformal_threshold(draw(n), eps)) for _ in range(reps)]
+    mean = float(np.mean(rates))
+    slack = 3 * 0.05 / math.sqrt(reps * n) + 0.005
+    assert mean <= eps + slack
+    if dist != "discrete":  # ties make it conservative
+        assert mean >= eps - 1 / (n + 1) - slack
+
+
+def _steer(d: int, layers: tuple[int, ...], seed: int = 0) -> AlphaSteer:
+    g = torch.Generator().manual_seed(seed)
+    n = len(layers)
+    return AlphaSteer(
+        layers=layers, w=torch.randn(n, d, generator=g), r=torch.randn(n, d, generator=g)
+    )
+
+
+def test_calibrate_prompt_mode_uses_max_over_layers() -> None:
+    base = _steer(4, (1, 3))
+    s = np.random.default_rng(1).normal(size=(99, 2))
+    cal = CalibratedAlphaSteer(base).calibrate({1: s[:, 0], 3: s[:, 1]}, eps=0.1)
+    assert cal.tau is not None and cal.tau[0] == cal.tau[1]
+    assert cal.tau[0] == conformal_threshold(s.max(1), 0.1)
+    assert cal.n_calibration == 99 and cal.eps == 0.1
+    lay = CalibratedAlphaSteer(base, mode="layer").calibrate(s, eps=0.1)
+    assert lay.tau == (conformal_threshold(s[:, 0], 0.1), conformal_threshold(s[:, 1], 0.1))
+    with pytest.raises(ValueError, match="missing layers"):
+        CalibratedAlphaSteer(base).calibrate({1: s[:, 0]}, eps=0.1)
+
+
+def test_gate_ramp_and_step() -> None:
+    base = _steer(4, (0,))
+    ramp = CalibratedAlphaSteer(base, tau=(1.0,), margin=0.5)
+    m = torch.tensor([0.5, 1.0, 1.25, 1.5, 3.0], dtype=torch.float64)
+    assert ramp.gate(m, 0).tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    step = CalibratedAlphaSteer(base, tau=(1.0,), margin=0.0)
+    assert step.gate(m, 0).tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_runtime_delta_is_exactly_zero_below_tau_and_latches() -> None:
+    """Prompt mode: a row fires from the first layer its score passes τ, and stays on."""
+    d = 6
+    base = _steer(d, (0, 1))
+    cal = CalibratedAlphaSteer(base, tau=(0.0, 0.0), margin=0.0)
+    rt = SteeringRuntime(cal, 1.0)
+    rt.begin_pass(torch.arange(10, 18).reshape(2, 4))
+    w0, w1 = base.w
+    # row 0: below at layer 0, above at layer 1; row 1: above at layer 0, below at layer 1.
+    h0 = torch.zeros(2, 4, d)
+    h0[0, -1] = -w0 / w0.norm() ** 2  # score −1
+    h0[1, -1] = w0 / w0.norm() ** 2  # score +1
+    h1 = torch.zeros(2, 4, d)
+    h1[0, -1] = 2 * w1 / w1.norm() ** 2  # +2
+    h1[1, -1] = -0.5 * w1 / w1.norm() ** 2  # −0.5: below τ, but latched on by layer 0
+    out0 = rt.apply("blocks.0.hook_resid_pre", h0)
+    assert torch.equal(out0[0], h0[0])  # exactly untouched
+    torch.testing.assert_close(out0[1], h0[1] + 1.0 * base.r[0])
+    out1 = rt.apply("blocks.1.hook_resid_pre", h1)
+    torch.testing.assert_close(out1[0], h1[0] + 2.0 * base.r[1])
+    torch.testing.assert_close(out1[1], h1[1] - 0.5 * base.r[1])
+    # decode step: the memo carries the decisions
+    rt.begin_pass(torch.tensor([[1], [2]]), cached=True)
+    x = torch.randn(2, 1, d)
+    assert torch.equal(rt.apply("blocks.1.hook_resid_pre", x), x)  # prompt positions only
+
+
+def test_uncalibrated_gate_refuses_to_run() -> None:
+    rt = SteeringRuntime(CalibratedAlphaSteer(_steer(4, (0,))), 1.0)
+    rt.begin_pass(torch.arange(3).reshape(1, 3))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        rt.apply("blocks.0.hook_resid_pre", torch.zeros(1, 3, 4))
+
+
+def test_below_tau_generation_is_bit_identical_to_vanilla(tiny) -> None:  # type: ignore[no-untyped-def]
+    """When every layer's score is below τ, steered greedy output and logits equal vanilla's
+    bit for bit; with τ = −inf and a hard step it is plain AlphaSteer."""
+    d = int(tiny.cfg.d_model)
+    base = _steer(d, (1, 2), seed=3)
+    acts = cache_activations(tiny, PROMPTS, layers=[1, 2], progress=False)
+    cal = CalibratedAlphaSteer(base, margin=0.1)
+    scores = cal.layer_scores({1: acts[1], 2: acts[2]})
+    above = float(scores.max()) + 1e-3  # τ above every prompt's every layer score
+    gated = CalibratedAlphaSteer(base, tau=(above, above), margin=0.1)
+    assert not gated.decisions({1: acts[1], 2: acts[2]}).any()
+    vanilla = generate(tiny, PROMPTS, max_new_tokens=8, progress=False)
+    steered = generate(tiny, PROMPTS, steering=gated, strength=50.0, max_new_tokens=8,
+                       progress=False)  # fmt: skip
+    assert steered == vanilla
+    lv = next_token_logits(tiny, PROMPTS, progress=False)
+    ls = next_token_logits(tiny, PROMPTS, steering=gated, strength=50.0, progress=False)
+    assert torch.equal(lv, ls)
+    # the same strength ungated changes the output: the test would catch a dead hook
+    always = CalibratedAlphaSteer(base, tau=(-math.inf, -math.inf), margin=0.0)
+    la = next_token_logits(tiny, PROMPTS, steering=always, strength=50.0, progress=False)
+    lb = next_token_logits(tiny, PROMPTS, steering=base, strength=50.0, progress=False)
+    assert torch.equal(la, lb)
+    assert not torch.equal(la, lv)
+
+
+def test_cast_threshold_by_f1_on_synthetic_data() -> None:
+    rng = np.random.default_rng(0)
+    pos = rng.normal(0.6, 0.1, 200)
+    neg = rng.normal(0.2, 0.1, 300)
+    theta, f1 = best_threshold_f1(pos, neg, np.round(np.arange(-1, 1.0001, 0.01), 2))
+    assert 0.35 <= theta <= 0.45 and f1 > 0.95
+    # brute force F1 over the same grid
+    grid = np.round(np.arange(-1, 1.0001, 0.01), 2)
+    best = max(
+        grid,
+        key=lambda t: (
+            2 * (pos >= t).sum() / (2 * (pos >= t).sum() + (neg >= t).sum() + (pos < t).sum()),
+            t,
+        ),
+    )
+    assert theta == pytest.approx(best)
+
+
+def test_cast_fit_and_decisions() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    c = torch.zeros(d)
+    c[0] = 1.0
+    harmful = torch.randn(100, d, generator=g) + 3 * c
+    benign = torch.randn(120, d, generator=g) - 3 * c
+    for method in ("mean_diff", "pca"):
+        v = condition_direction(harmful, benign, method=method)  # type: ignore[arg-type]
+        assert float(v @ c) > 0.8
+    cast = Cast.fit(harmful, benign, condition_layer=1, steer_layers=(2, 3),
+                    steer_vectors=torch.ones(2, d))  # fmt: skip
+    assert cast.layers == (1, 2, 3) and cast.f1 is not None and cast.f1 > 0.9
+    assert cast.decide(harmful).float().mean() > 0.9 and cast.decide(benign).float().mean() < 0.1
+    with pytest.raises(ValueError, match="after the first steered layer"):
+        Cast(3, c, 0.0, (2,), torch.ones(1, d))
+    rt = SteeringRuntime(cast, 2.0)
+    rt.begin_pass(torch.arange(6).reshape(2, 3))
+    h = torch.zeros(2, 3, d)
+    h[0, -1] = c  # cos +1: steer
+    h[1, -1] = -c  # cos −1: no
+    assert torch.equal(rt.apply("blocks.1.hook_resid_pre", h), h)  # condition layer adds 0
+    out = rt.apply("blocks.2.hook_resid_pre", torch.zeros(2, 3, d))
+    assert torch.equal(out[0], torch.full((3, d), 2.0)) and torch.equal(out[1], torch.zeros(3, d))
+
+
+def test_gate_report_and_histogram() -> None:
+    d = 8
+    base = _steer(d, (0, 1))
+    g = torch.Generator().manual_seed(0)
+    sets = {k: {0: torch.randn(n, d, generator=g), 1: torch.randn(n, d, generator=g)}
+            for k, n in (("benign", 30), ("harmful", 20), ("sensitive", 10))}  # fmt: skip
+    cal = CalibratedAlphaSteer(base).calibrate_activations(sets["benign"], eps=0.1)
+    df = gate_report(cal, sets, {k: [f"p{i}" for i in range(len(v[0]))] for k, v in sets.items()})
+    assert len(df) == 2 * 60 and set(df["set"]) == {"benign", "harmful", "sensitive"}
+    b = df[(df["set"] == "benign") & (df["layer"] == 1)]
+    assert b["fired_prompt"].mean() <= 0.1 + 1e-9  # in-sample: at most ε by construction
+    # first_layer is the first layer with fired, −1 when none
+    row = df[df["fired_prompt"]].iloc[0]
+    assert row["first_layer"] in (0, 1)
+    fig = gate_histogram(df)
+    assert len(fig.data) == 2 * 3
+    assert {"score", "gate_score", "tau", "factor", "prompt"} <= set(df.columns)
+    plain = gate_report(base, {"benign": sets["benign"]})
+    assert plain["fired_prompt"].all()
+
+
+def test_group_calibration_bounds_every_group() -> None:
+    """Mondrian calibration: τ is the largest per-group τ, so each group's rate is ≤ ε."""
+    base = _steer(4, (0,))
+    rng = np.random.default_rng(0)
+    plain, sensitive = rng.normal(0, 0.1, 300), rng.normal(0.5, 0.2, 100)
+    s = np.concatenate([plain, sensitive])[:, None]
+    groups = ["plain"] * 300 + ["sensitive"] * 100
+    pooled = CalibratedAlphaSteer(base).calibrate(s, eps=0.05)
+    grouped = CalibratedAlphaSteer(base).calibrate(s, eps=0.05, groups=groups)
+    assert grouped.tau == (
+        max(conformal_threshold(plain, 0.05), conformal_threshold(sensitive, 0.05)),
+    )
+    assert pooled.tau is not None and grouped.tau[0] >= pooled.tau[0]
+    assert false_steer_rate(sensitive, grouped.tau[0]) <= 0.05
+    with pytest.raises(ValueError, match="group labels"):
+        CalibratedAlphaSteer(base).calibrate(s, eps=0.05, groups=["a"])
+
+
+def test_gated_generation_same_with_and_without_kv_cache(tiny) -> None:  # type: ignore[no-untyped-def]
+    """Some prompts fire and some do not: decode steps (KV cache) and full re-runs agree, and
+    the rows that do not fire equal vanilla."""
+    d = int(tiny.cfg.d_model)
+    base = _steer(d, (1, 2), seed=5)
+    acts = cache_activations(tiny, PROMPTS, layers=[1, 2], progress=False)
+    by = {1: acts[1], 2: acts[2]}
+    m = CalibratedAlphaSteer(base).layer_scores(by).max(1).values
+    lo, hi = sorted(m.tolist())[:2]
+    tau = (lo + hi) / 2  # the lowest-scoring prompt stays shut, with room for rounding
+    gated = CalibratedAlphaSteer(base, tau=(tau, tau), margin=0.0)
+    fired = gated.decisions(by).gt(0).any(1).tolist()
+    assert any(fired) and not all(fired)
+    kw = {"steering": gated, "strength": 30.0, "max_new_tokens": 6, "progress": False}
+    with_cache = generate(tiny, PROMPTS, use_kv_cache=True, **kw)
+    without = generate(tiny, PROMPTS, use_kv_cache=False, **kw)
+    assert with_cache == without
+    vanilla = generate(tiny, PROMPTS, max_new_tokens=6, progress=False)
+    for f, a, b in zip(fired, with_cache, vanilla, strict=True):
+        if not f:
+            assert a == b
