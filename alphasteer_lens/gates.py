@@ -574,6 +574,20 @@ class Cast:
 # Reports and figures
 
 
+def fired(gate: CalibratedAlphaSteer | Cast, acts: Mapping[int, Tensor]) -> Tensor:
+    """One bool per prompt: whether ``gate`` steers it at all, from its unsteered last-token
+    activations ``{layer: [n, d]}`` (exact: a prompt's gate opens, or not, before it is
+    steered)."""
+    if isinstance(gate, Cast):
+        return gate.decide(acts[gate.condition_layer]).cpu()
+    return gate.decisions({x: acts[x] for x in gate.layers}).gt(0).any(1).cpu()
+
+
+def fire_rate(gate: CalibratedAlphaSteer | Cast, acts: Mapping[int, Tensor]) -> float:
+    """The share of prompts ``gate`` steers at all (see :func:`fired`)."""
+    return float(fired(gate, acts).double().mean())
+
+
 def gate_report(
     gate: CalibratedAlphaSteer | Cast | AlphaSteer,
     sets: Mapping[str, Mapping[int, Tensor]],

@@ -1,4 +1,5 @@
-"""The notebooks: stored without outputs, and run top to bottom on the embedded SmolLM2."""
+"""The notebooks: stored without outputs, and run top to bottom (01-03 on the embedded SmolLM2,
+04 on tiny random GPT-2 and Qwen2 models built offline)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def test_notebooks_exist() -> None:
         "01_quickstart.ipynb",
         "02_pca_figures.ipynb",
         "03_layer_sweep.ipynb",
+        "04_any_model.ipynb",
     ]
 
 
@@ -44,6 +46,14 @@ print(json.dumps({"shifts": shifts.to_dict(orient="records"), "rows": len(points
 print(json.dumps({
     "layers": [int(x) for x in logit.layer], "auroc": [float(x) for x in logit.auroc],
     "generation_layers": [int(x) for x in generation.layer],
+}))""",
+    "04_any_model": """import json
+print(json.dumps({
+    "classes": [type(m).__name__ for m in (base, chat)],
+    "formats": [default_format(m.tokenizer).kind for m in (base, chat)],
+    "k": [ns[l].k for l in LAYERS], "leakage": [float(ns[l].leakage) for l in LAYERS],
+    "reloaded": list(reloaded.layers),
+    "shifts": centroid_shifts(points_c).to_dict(orient="records"),
 }))""",
 }
 
@@ -75,15 +85,36 @@ def _check_sweep(facts: dict) -> None:
     assert facts["generation_layers"] == facts["layers"][2:5]
 
 
+def _check_any_model(facts: dict) -> None:
+    assert facts["formats"] == ["raw", "chat"]  # base GPT-2 reads raw text, Qwen2 its template
+    assert all(0 < k < 32 for k in facts["k"]) and all(0 <= x < 0.5 for x in facts["leakage"])
+    assert facts["reloaded"] == [1, 2]
+    shift = {(r["method"], r["label"]): r["shift"] for r in facts["shifts"]}
+    assert shift[("alphasteer", "benign")] < shift[("actadd", "benign")]
+
+
 CHECKS = {"01_quickstart": _check_quickstart, "02_pca_figures": _check_pca}
 CHECKS["03_layer_sweep"] = _check_sweep
+CHECKS["04_any_model"] = _check_any_model
+SMOLLM_NOTEBOOKS = [p for p in NOTEBOOKS if p.stem != "04_any_model"]
+TINY_NOTEBOOKS = [p for p in NOTEBOOKS if p.stem == "04_any_model"]
 
 
 @pytest.mark.smollm
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SMOLLM_NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     """Executes every cell in a fresh kernel (working directory: a temporary folder), then
     checks what the notebook computed against facts it is there to show."""
+    _run_and_check(path, tmp_path)
+
+
+@pytest.mark.parametrize("path", TINY_NOTEBOOKS, ids=lambda p: p.stem)
+def test_tiny_model_notebook_runs(path: Path, tmp_path: Path) -> None:
+    """The any-model notebook builds its own tiny models: it runs in every leg (TL 3.9 too)."""
+    _run_and_check(path, tmp_path)
+
+
+def _run_and_check(path: Path, tmp_path: Path) -> None:
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)

@@ -1,11 +1,20 @@
-"""The demo: AlphaSteer vs ActAdd vs vanilla on any model, measured end to end.
+"""The demo: AlphaSteer vs calibrated AlphaSteer vs ActAdd vs CAST vs vanilla on any model,
+measured end to end in four columns.
 
 Steps (:mod:`~alphasteer_lens.experiments.recipe`): seeded splits; last-token ``resid_pre``
 activations; the refusal direction; the steered layers (given, or chosen on validation data);
-AlphaSteer and ActAdd of the same directions; the artifact is saved right away. Then λ is chosen
-on the validation sets with the first-token refusal score (AlphaSteer: most harmful refusal with a
-bounded benign rise; ActAdd: matching AlphaSteer's harmful refusal), and every method generates
-greedily on the held-out test sets, judged by the keyword judge.
+AlphaSteer, its malicious side widened by jailbreak-wrapped requests (fit families only) and its
+benign side by sensitive-but-safe prompts (their fit parts); ActAdd of the same directions; the
+artifact is saved right away. Then λ is chosen on the validation sets with the first-token
+refusal score (AlphaSteer: most harmful refusal with a bounded benign rise; ActAdd: matching
+AlphaSteer's harmful refusal). Calibrated AlphaSteer gates AlphaSteer at λ with τ set by split
+conformal on held-out benign prompts (built-in benign validation + the sensitive calibration
+parts) for a false-steer rate ε; CAST gates ActAdd at its λ on the cosine with a condition
+direction, threshold by F1 on validation data. Every method generates greedily on the four
+held-out test columns, judged by the keyword judge: ``harmful`` (HarmBench), ``jailbreak`` (the
+same held-out requests wrapped by families never used in the fit), ``benign`` (MT-Bench) and
+``sensitive`` (the sensitive-but-safe test parts); gated rows also report the share of each
+column they steer at all.
 
 Outputs: ``alphasteer.safetensors`` (as soon as the fit finishes; λ added once chosen),
 ``report.json``, ``summary.md``, ``generations.csv`` (one row per method, set and prompt) and
@@ -22,6 +31,7 @@ from typing import Any, ClassVar
 import pandas as pd
 import torch
 
+from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.artifacts import load_steering_with_meta, save_steering
 from alphasteer_lens.experiments import recipe as R
@@ -30,21 +40,47 @@ from alphasteer_lens.experiments.data import Data
 from alphasteer_lens.experiments.docs import demo_table
 from alphasteer_lens.experiments.manifest import write_manifest
 from alphasteer_lens.experiments.report import Clock, peak_rss_mib
+from alphasteer_lens.gates import CalibratedAlphaSteer, Cast, fired
 from alphasteer_lens.generation import generate_with_logits
+from alphasteer_lens.jailbreaks import (
+    FIT_FAMILIES,
+    TEST_FAMILIES,
+    in_the_wild,
+    sensitive_role,
+    sensitive_splits,
+    wrap_harmful,
+)
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import model_name
-from alphasteer_lens.steering import ActAdd, Steering
+from alphasteer_lens.prompts import PromptSet
+from alphasteer_lens.steering import ActAdd
 from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
 
 ARTIFACT = "alphasteer.safetensors"
 
 
+COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
+
+
 @dataclass(frozen=True)
 class DemoConfig(RunConfig):
-    """The demo's own settings: how many held-out prompts to generate for (None: all)."""
+    """The demo's own settings: how many held-out prompts to generate for (None: all).
+
+    ``fit_families``: jailbreak families that wrap ``n_fit_jailbreak`` training requests on the
+    malicious fit side (``in_the_wild`` adds as many in-the-wild jailbreaks from the data
+    directory, when it has them); ``test_families`` (disjoint) wrap the held-out requests of the
+    ``jailbreak`` column, at most ``n_jailbreak_test`` of them. ``eps``: calibrated AlphaSteer's
+    benign false-steer rate; ``margin``: its ramp width above τ.
+    """
 
     n_harmful_test: int | None = None
     n_benign_test: int | None = None
+    fit_families: tuple[str, ...] = FIT_FAMILIES
+    test_families: tuple[str, ...] = TEST_FAMILIES
+    n_fit_jailbreak: int = 120
+    n_jailbreak_test: int | None = 60
+    eps: float = 0.02
+    margin: float = 0.25
 
     QUICK: ClassVar[dict[str, Any]] = {
         "strengths": (0.5, 1.0),
@@ -52,6 +88,8 @@ class DemoConfig(RunConfig):
         "n_harmful_test": 32,
         "n_benign_test": 32,
         "n_harmful_train": 200,
+        "n_fit_jailbreak": 24,
+        "n_jailbreak_test": 12,
     }
 
     @classmethod
@@ -62,6 +100,92 @@ class DemoConfig(RunConfig):
 
 def _rate(flags: list[bool]) -> float:
     return float(sum(flags)) / max(len(flags), 1)
+
+
+@dataclass(frozen=True)
+class RobustSets:
+    """The sets beyond the plain splits: fit additions, calibration, the two extra columns."""
+
+    fit_malicious: PromptSet | None  # jailbreak-wrapped training requests (fit families)
+    fit_benign: PromptSet  # sensitive-but-safe fit parts
+    calibration: PromptSet  # built-in benign validation + sensitive calibration parts
+    jailbreak_test: PromptSet  # held-out requests, held-out families
+    sensitive_test: PromptSet  # sensitive-but-safe test parts
+    notes: tuple[str, ...]
+
+
+def robust_sets(data: Data, sp: R.Splits, cfg: DemoConfig) -> RobustSets:
+    """The seeded fit, calibration and test sets of the jailbreak and sensitive columns."""
+    import warnings
+
+    both = set(cfg.fit_families) & set(cfg.test_families)
+    if both:
+        raise ValueError(f"families {sorted(both)} are both fit and test families")
+    seed, root = cfg.seed, data.root
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sens = sensitive_splits(seed=seed, root=root)
+        wild = None
+        if "in_the_wild" in cfg.fit_families and cfg.n_fit_jailbreak:
+            wild = in_the_wild(cfg.n_fit_jailbreak, seed=seed, root=root)
+    notes = tuple(str(w.message) for w in caught if "duplicate" not in str(w.message))
+    families = [f for f in cfg.fit_families if f != "in_the_wild"]
+    n_fit = min(cfg.n_fit_jailbreak, len(sp.harmful_train))
+    parts = []
+    if families and n_fit:
+        chosen = sp.harmful_train.sample(n_fit, seed=seed)
+        parts.append(wrap_harmful(chosen, families, seed=seed).prompts)
+    if wild is not None:
+        parts.append(wild)
+    fit_malicious = PromptSet.concat("fit_jailbreak", *parts) if parts else None
+    jail = wrap_harmful(sp.harmful_test, list(cfg.test_families), seed=seed + 2).prompts
+    n_jail = cfg.n_jailbreak_test
+    jailbreak_test = (
+        jail if n_jail is None or n_jail >= len(jail) else jail.sample(n_jail, seed=seed)
+    )
+    calibration = PromptSet.concat(
+        "calibration", sp.benign_val, sensitive_role(sens, "calibration")
+    )
+    return RobustSets(
+        fit_malicious=fit_malicious,
+        fit_benign=sensitive_role(sens, "fit"),
+        calibration=calibration,
+        jailbreak_test=jailbreak_test._derive(jailbreak_test.prompts, "jailbreak_test"),
+        sensitive_test=sensitive_role(sens, "test")._derive(
+            sensitive_role(sens, "test").prompts, "sensitive_test"
+        ),
+        notes=notes,
+    )
+
+
+def within_context(
+    model: Any, ps: PromptSet | None, fmt: Any, room: int
+) -> tuple[PromptSet | None, str | None]:
+    """``ps`` without the prompts whose tokens leave fewer than ``room`` positions of the model's
+    context (long jailbreak templates on small-context models), and a note saying so."""
+    from alphasteer_lens.chat import encode_texts
+
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if ps is None or not isinstance(n_ctx, int):
+        return ps, None
+    _, ids = encode_texts(model, list(ps), fmt)
+    kept = [p for p, row in zip(ps, ids, strict=True) if len(row) + room <= n_ctx]
+    if len(kept) == len(ps):
+        return ps, None
+    note = f"{ps.name}: {len(ps) - len(kept)} prompts longer than the context ({n_ctx}) left out"
+    return (ps._derive(kept) if kept else None), note
+
+
+def fit_context(rs: RobustSets, model: Any, fmt: Any, room: int) -> RobustSets:
+    """:func:`within_context` applied to every robust set; an emptied test column is an error."""
+    notes = list(rs.notes)
+    out: dict[str, PromptSet | None] = {}
+    for name in ("fit_malicious", "fit_benign", "calibration", "jailbreak_test", "sensitive_test"):
+        out[name], note = within_context(model, getattr(rs, name), fmt, room)
+        notes += [note] if note else []
+        if out[name] is None and name != "fit_malicious":
+            raise ValueError(f"no {name} prompt fits the model's context")
+    return RobustSets(notes=tuple(notes), **out)  # type: ignore[arg-type]
 
 
 def run_demo(
@@ -85,13 +209,22 @@ def run_demo(
     clock.lap("load_model")
 
     sp = R.splits(data, cfg, n_harmful_test=cfg.n_harmful_test, n_benign_test=cfg.n_benign_test)
-    sets = sp.sets()
+    rs = fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
+    sets = sp.sets() | {
+        "fit_sensitive": rs.fit_benign,
+        "calibration": rs.calibration,
+        "jailbreak_test": rs.jailbreak_test,
+        "sensitive_test": rs.sensitive_test,
+    }
+    if rs.fit_malicious is not None:
+        sets["fit_jailbreak"] = rs.fit_malicious
     hashes = {ps.name: ps.content_hash() for ps in sets.values()}
+    notes = [*data.notes, *rs.notes]
     clock.lap("load_data")
 
     def manifest(layers: dict[str, Any] | None) -> None:
         write_manifest(
-            out, "demo", cfg, model=model, layers=layers, data=sets, notes=data.notes,
+            out, "demo", cfg, model=model, layers=layers, data=sets, notes=notes,
             threads=R.threads(),
         )  # fmt: skip
 
@@ -102,13 +235,17 @@ def run_demo(
         steering, meta = load_steering_with_meta(artifact, model=model)
         assert isinstance(steering, AlphaSteer)
         steer_a, saved = steering, dict(meta["extra"])
-        actadd = ActAdd(steer_a.layers, steer_a.r)
         layers, choice = list(steer_a.layers), saved["layer_choice"]
+        refusal = {x: steer_a.r[i] for i, x in enumerate(layers)}
         refused_fraction = saved.get("harmful_train_refused_fraction")
         clock.lap("fit (resumed)")
     else:
-        fitted = R.fit(model, sp, cfg, fmt, progress=progress)
-        steer_a, actadd, layers = fitted.alphasteer, fitted.actadd, fitted.layers
+        fitted = R.fit(
+            model, sp, cfg, fmt, extra_benign=rs.fit_benign, extra_malicious=rs.fit_malicious,
+            progress=progress,
+        )  # fmt: skip
+        steer_a, layers = fitted.alphasteer, fitted.layers
+        refusal = {x: fitted.refusal[x] for x in layers}
         choice, refused_fraction = fitted.choice.to_dict(), fitted.refused_fraction
         saved = {
             "direction": cfg.direction,
@@ -118,6 +255,7 @@ def run_demo(
         }
         save_steering(steer_a, artifact, model=model, data_hashes=hashes, extra=saved)
         clock.lap("fit")
+    actadd = ActAdd(tuple(layers), torch.stack([refusal[x] for x in layers]))
     manifest(choice)
 
     if "strength" in saved:
@@ -139,43 +277,75 @@ def run_demo(
         save_steering(steer_a, artifact, model=model, data_hashes=hashes, extra=saved)
         clock.lap("validation_sweep")
 
-    methods: dict[str, tuple[Steering | None, float]] = {
+    # The gates: τ from held-out benign calibration prompts; CAST's threshold by F1 on validation.
+    kw: dict[str, Any] = {"batch_size": cfg.batch_size, "prompt_format": fmt, "progress": progress}
+    cal = cache_activations(model, list(rs.calibration), layers=layers, desc="calibration", **kw)
+    gated = CalibratedAlphaSteer(steer_a, margin=cfg.margin).calibrate_activations(
+        {x: t.double() for x, t in cal.by_layer().items()}, cfg.eps
+    )
+    cl = layers[0]
+    cast_fit = {
+        name: cache_activations(model, list(ps), layers=[cl], desc=f"CAST {name}", **kw)[cl]
+        for name, ps in (
+            ("harmful", sp.harmful_train), ("benign", sp.benign_train),
+            ("harmful_val", sp.harmful_val), ("benign_val", sp.benign_val),
+        )
+    }  # fmt: skip
+    cast = Cast.fit(
+        cast_fit["harmful"], cast_fit["benign"], condition_layer=cl, steer_layers=layers,
+        steer_vectors=actadd.vectors, select_harmful=cast_fit["harmful_val"],
+        select_benign=cast_fit["benign_val"],
+    )  # fmt: skip
+    clock.lap("gates")
+
+    columns = {
+        "harmful": sp.harmful_test,
+        "jailbreak": rs.jailbreak_test,
+        "benign": sp.benign_test,
+        "sensitive": rs.sensitive_test,
+    }
+    test_acts = {
+        col: {x: t.double() for x, t in cache_activations(
+            model, list(ps), layers=layers, desc=f"test {col}", **kw).by_layer().items()}
+        for col, ps in columns.items()
+    }  # fmt: skip
+    methods: dict[str, tuple[Any, float]] = {
         "vanilla": (None, 0.0),
         "actadd": (actadd, lam_act),
+        "cast": (cast, lam_act),
         "alphasteer": (steer_a, lam_a),
+        "alphasteer_calibrated": (gated, lam_a),
     }
     results: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
-    vanilla_benign: list[str] = []
+    vanilla: dict[str, list[str]] = {}
     for name, (st, lam) in methods.items():
-        gen: dict[str, list[str]] = {}
-        score: dict[str, torch.Tensor] = {}
-        for s, ps in (("harmful", sp.harmful_test), ("benign", sp.benign_test)):
-            gen[s], first = generate_with_logits(
+        res: dict[str, float] = {"strength": lam}
+        for col, ps in columns.items():
+            gen, first = generate_with_logits(
                 model, list(ps), steering=st, strength=lam, max_new_tokens=cfg.max_new_tokens,
                 batch_size=cfg.batch_size, prompt_format=fmt, progress=progress,
-                desc=f"{name} {s}",
+                desc=f"{name} {col}",
             )  # fmt: skip
             assert first is not None
-            score[s] = refusal_score(first, refusal_ids)
-            refused = judge.judge(gen[s])
+            refused = judge.judge(gen)
+            res[f"{col}_refusal_rate"] = _rate(refused)
+            res[f"{col}_refusal_score"] = refusal_score(first, refusal_ids).mean().item()
+            if name == "vanilla":
+                vanilla[col] = gen
+            if col in ("benign", "sensitive"):
+                same = [a == b for a, b in zip(gen, vanilla[col], strict=True)]
+                res[f"{col}_unchanged_fraction"] = _rate(same)
+            steered: list[bool | None] = [None] * len(ps)
+            if isinstance(st, (CalibratedAlphaSteer, Cast)):
+                steered = fired(st, test_acts[col]).tolist()
+                res[f"{col}_steered_fraction"] = _rate([bool(x) for x in steered])
             rows += [
-                {"method": name, "strength": lam, "set": s, "prompt": p, "completion": c,
-                 "refused": r}
-                for p, c, r in zip(ps, gen[s], refused, strict=True)
+                {"method": name, "strength": lam, "set": col, "prompt": p, "completion": c,
+                 "refused": r, "steered": f}
+                for p, c, r, f in zip(ps, gen, refused, steered, strict=True)
             ]  # fmt: skip
-        if name == "vanilla":
-            vanilla_benign = gen["benign"]
-        results[name] = {
-            "strength": lam,
-            "harmful_refusal_rate": _rate(judge.judge(gen["harmful"])),
-            "benign_refusal_rate": _rate(judge.judge(gen["benign"])),
-            "benign_unchanged_fraction": _rate(
-                [a == b for a, b in zip(gen["benign"], vanilla_benign, strict=True)]
-            ),
-            "harmful_refusal_score": score["harmful"].mean().item(),
-            "benign_refusal_score": score["benign"].mean().item(),
-        }
+        results[name] = res
     clock.lap("evaluate")
 
     report: dict[str, Any] = {
@@ -185,13 +355,23 @@ def run_demo(
         "prompt_format": fmt.to_json(),
         "strength": lam_a,
         "actadd_strength": lam_act,
+        "columns": list(COLUMNS),
         "methods": results,
+        "gate": {
+            "eps": cfg.eps,
+            "margin": cfg.margin,
+            "tau": list(gated.tau or ()),
+            "n_calibration": gated.n_calibration,
+            "cast_layer": cl,
+            "cast_threshold": cast.threshold,
+            "cast_f1": cast.f1,
+        },  # fmt: skip
         "benign_leakage": {str(k): v for k, v in zip(layers, steer_a.leakage, strict=True)},
         "direction": cfg.direction,
         "harmful_train_refused_fraction": refused_fraction,
         "data": {ps.name: len(ps) for ps in sets.values()},
         "data_hashes": hashes,
-        "notes": list(data.notes),
+        "notes": notes,
         "config": cfg.to_dict(),
         "validation_sweep": sweep.to_dict(orient="records"),
         "timings": clock.steps,
@@ -215,13 +395,18 @@ def summary_markdown(report: dict[str, Any]) -> str:
             f"Steered layers {report['layers']} (`resid_pre`, prompt positions; "
             f"{choice.get('how', 'given')}); "
             f"AlphaSteer λ = {report['strength']}, ActAdd λ = {report['actadd_strength']} "
-            "(chosen on validation data).",
+            "(chosen on validation data); calibrated AlphaSteer: ε = "
+            f"{report['gate']['eps']}, τ = {report['gate']['tau'][0]:.3f} from "
+            f"{report['gate']['n_calibration']} held-out benign prompts; CAST at layer "
+            f"{report['gate']['cast_layer']}, threshold {report['gate']['cast_threshold']}.",
             "Data (name: prompts): "
             + ", ".join(f"{k}: {v}" for k, v in report["data"].items())
             + ".",
             *[f"Note: {n}" for n in report.get("notes", [])],
-            "Refusal = keyword judge on greedy answers; score = mean log-odds of a refusal "
-            "opening at the first generated token.",
+            "Columns: harmful = HarmBench held out; jailbreak = the same requests wrapped by "
+            "families held out from the fit; benign = MT-Bench; sensitive = sensitive-but-safe "
+            "prompts held out from fit and calibration. Refusal = keyword judge on greedy "
+            "answers; steered = share of prompts a gate steers at all.",
             "",
             demo_table(report),
             "",

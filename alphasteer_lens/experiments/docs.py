@@ -33,10 +33,13 @@ BLOCK = re.compile(
 DEMO_COLUMNS = (
     "strength",
     "harmful_refusal_rate",
+    "jailbreak_refusal_rate",
     "benign_refusal_rate",
+    "sensitive_refusal_rate",
     "benign_unchanged_fraction",
-    "harmful_refusal_score",
-    "benign_refusal_score",
+    "sensitive_unchanged_fraction",
+    "benign_steered_fraction",
+    "sensitive_steered_fraction",
 )
 
 

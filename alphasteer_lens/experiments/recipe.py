@@ -233,11 +233,18 @@ def fit(
     fmt: PromptFormat,
     *,
     extra_layers: tuple[int, ...] = (),
+    extra_benign: PromptSet | None = None,
+    extra_malicious: PromptSet | None = None,
     cache: bool | Path = False,
     progress: bool = True,
 ) -> Fit:
     """Choose the layers if none are given (:func:`select_layers`), cache activations at the
-    steered layers (and ``extra_layers``), build the refusal directions, fit AlphaSteer."""
+    steered layers (and ``extra_layers``), build the refusal directions, fit AlphaSteer.
+
+    ``extra_benign`` (e.g. sensitive-but-safe prompts) joins the benign side of the AlphaSteer
+    fit (its null space) and ``extra_malicious`` (e.g. jailbreak-wrapped requests) its
+    malicious side; neither enters the refusal direction, which stays plain harmful vs
+    (length-matched) benign."""
     if cfg.layers is not None:
         choice = LayerChoice(tuple(cfg.layers), "given")
     else:
@@ -269,10 +276,18 @@ def fit(
             **refusal,
             **{layer: refused_minus_complied(acts_h[layer], refused) for layer in layers},
         }
+    fit_b, fit_h = acts_b.by_layer(), acts_h.by_layer()
+    for extra, side, what in (
+        (extra_benign, fit_b, "benign"),
+        (extra_malicious, fit_h, "malicious"),
+    ):
+        if extra is not None and len(extra):
+            more = cache_activations(model, list(extra), desc=f"extra {what} activations", **kw)
+            for layer in need:
+                side[layer] = torch.cat([side[layer], more[layer].to(side[layer].dtype)])
     alphasteer = AlphaSteer.fit(
-        acts_b.by_layer(), acts_h.by_layer(), refusal, layers=layers, ratio=cfg.ratio,
-        alpha=cfg.alpha,
-    )  # fmt: skip
+        fit_b, fit_h, refusal, layers=layers, ratio=cfg.ratio, alpha=cfg.alpha
+    )
     actadd = ActAdd(tuple(layers), torch.stack([refusal[layer] for layer in layers]))
     return Fit(choice, acts_b, acts_h, dir_b, refusal, alphasteer, actadd, refused_fraction)
 

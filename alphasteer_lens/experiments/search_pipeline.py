@@ -40,7 +40,13 @@ from alphasteer_lens.experiments.config import ConfigError, RunConfig
 from alphasteer_lens.experiments.layers import candidate_layers
 from alphasteer_lens.experiments.recipe import load, preflight, splits
 from alphasteer_lens.experiments.report import Clock, markdown_table, peak_rss_mib
-from alphasteer_lens.gates import CalibratedAlphaSteer, Cast, gate_histogram, gate_report
+from alphasteer_lens.gates import (
+    CalibratedAlphaSteer,
+    Cast,
+    fire_rate,
+    gate_histogram,
+    gate_report,
+)
 from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.jailbreaks import (
     FIT_FAMILIES,
@@ -191,9 +197,10 @@ def search_sets(cfg: SearchConfig, data: Any) -> SearchSets:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sens = sensitive_splits(seed=seed)
+        root = getattr(data, "root", None)  # --data / $ALPHASTEER_LENS_DATA: CoCoNot, borderline
+        sens = sensitive_splits(seed=seed, root=root)
         use_wild = cfg.n_in_the_wild and "in_the_wild" in cfg.fit_families
-        wild = short(in_the_wild(cfg.n_in_the_wild, seed=seed) if use_wild else None)
+        wild = short(in_the_wild(cfg.n_in_the_wild, seed=seed, root=root) if use_wild else None)
     notes += [str(w.message) for w in caught if "duplicate" not in str(w.message)]
     pool = wrappings()
     fit_fams = [f for f in cfg.fit_families if f != "in_the_wild"]
@@ -387,9 +394,9 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
                 row[f"{col}_unchanged"] = _rate(same)
         if isinstance(st, (CalibratedAlphaSteer, Cast)):
             for bname in sets.benign_tests:
-                row[f"fires_{bname}"] = _fires(st, test_acts[bname])
-            row["fires_harmful_test"] = _fires(st, test_acts["harmful"])
-            row["fires_jailbreak_test"] = _fires(st, test_acts["jailbreak"])
+                row[f"fires_{bname}"] = fire_rate(st, test_acts[bname])
+            row["fires_harmful_test"] = fire_rate(st, test_acts["harmful"])
+            row["fires_jailbreak_test"] = fire_rate(st, test_acts["jailbreak"])
         row.update({f"info_{k}": v for k, v in info.items() if not isinstance(v, (list, dict))})
         rows.append(row)
     recheck = pd.DataFrame(rows)
@@ -431,13 +438,6 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str), "utf-8")
     (out / "summary.md").write_text(summary_markdown(report, recheck, front), "utf-8")
     return report
-
-
-def _fires(st: CalibratedAlphaSteer | Cast, acts: Mapping[int, torch.Tensor]) -> float:
-    """The share of prompts the gate opens for at all (from unsteered activations: exact)."""
-    if isinstance(st, Cast):
-        return float(st.decide(acts[st.condition_layer]).double().mean())
-    return float(st.decisions({x: acts[x] for x in st.layers}).gt(0).any(1).double().mean())
 
 
 def summary_markdown(report: dict[str, Any], recheck: pd.DataFrame, front: pd.DataFrame) -> str:
