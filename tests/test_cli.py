@@ -84,6 +84,9 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["scans", "--prompt-format", "raw"], "supports the chat format only"),
         (["audit", "--vector", "/no/such.gguf"], "--vector /no/such.gguf: no such file"),
         (["rerun", "/no/such/manifest.json"], "manifest not found"),
+        (["export", "/no/such.safetensors", "--out", "x.gguf"], "does not exist"),
+        (["export", "{file}", "--out", "{dir}"], "is a directory"),
+        (["export", "{file}", "--out", "{gguf}"], "is not a readable safetensors file"),
     ],
 )
 def test_expected_errors_are_one_line_before_the_model_loads(
@@ -107,6 +110,7 @@ def test_expected_errors_are_one_line_before_the_model_loads(
         "{dir}": tmp_path,
         "{bad_toml}": tmp_path / "bad.toml",
         "{run}": tmp_path / "run",
+        "{gguf}": tmp_path / "out.gguf",
     }
     argv = [str(names.get(a, a)) for a in argv]
     if "--out" not in argv and argv[0] != "rerun":

@@ -8,13 +8,13 @@ benign side by sensitive-but-safe prompts (their fit parts); ActAdd of the same 
 artifact is saved right away. Then λ is chosen on the validation sets with the first-token
 refusal score (AlphaSteer: most harmful refusal with a bounded benign rise; ActAdd: matching
 AlphaSteer's harmful refusal). Calibrated AlphaSteer gates AlphaSteer at λ with τ set by split
-conformal on held-out benign prompts (built-in benign validation + the sensitive calibration
-parts) for a false-steer rate ε; CAST gates ActAdd at its λ on the cosine with a condition
-direction, threshold by F1 on validation data. Every method generates greedily on the four
-held-out test columns, judged by the keyword judge: ``harmful`` (HarmBench), ``jailbreak`` (the
-same held-out requests wrapped by families never used in the fit), ``benign`` (MT-Bench) and
-``sensitive`` (the sensitive-but-safe test parts); gated rows also report the share of each
-column they steer at all.
+conformal on held-out benign prompts (built-in benign validation prompts that did not choose λ,
+and the sensitive calibration parts) for a false-steer rate ε; CAST gates ActAdd at its λ on the
+cosine with a condition direction, threshold by F1 on validation data. Every method generates
+greedily on the four held-out test columns, judged by the keyword judge: ``harmful``
+(HarmBench), ``jailbreak`` (the same held-out requests wrapped by families never used in the
+fit), ``benign`` (MT-Bench) and ``sensitive`` (the sensitive-but-safe test parts); gated rows
+also report the share of each column they steer at all.
 
 Outputs: ``alphasteer.safetensors`` (as soon as the fit finishes; λ added once chosen),
 ``report.json``, ``summary.md``, ``generations.csv`` (one row per method, set and prompt) and
@@ -66,11 +66,12 @@ COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
 class DemoConfig(RunConfig):
     """The demo's own settings: how many held-out prompts to generate for (None: all).
 
-    ``fit_families``: jailbreak families that wrap ``n_fit_jailbreak`` training requests on the
-    malicious fit side (``in_the_wild`` adds as many in-the-wild jailbreaks from the data
-    directory, when it has them); ``test_families`` (disjoint) wrap the held-out requests of the
-    ``jailbreak`` column, at most ``n_jailbreak_test`` of them. ``eps``: calibrated AlphaSteer's
-    benign false-steer rate; ``margin``: its ramp width above τ.
+        ``fit_families``: jailbreak families that wrap ``n_fit_jailbreak`` training requests on the
+        malicious fit side (``in_the_wild`` adds as many in-the-wild jailbreaks from the data
+        directory, when it has them); ``test_families`` (disjoint) wrap the held-out requests of the
+        ``jailbreak`` column, at most ``n_jailbreak_test`` of them; the ``sensitive`` column samples
+    at most ``n_sensitive_test`` of the sensitive test parts. ``eps``: calibrated AlphaSteer's
+        benign false-steer rate; ``margin``: its ramp width above τ.
     """
 
     n_harmful_test: int | None = None
@@ -79,17 +80,19 @@ class DemoConfig(RunConfig):
     test_families: tuple[str, ...] = TEST_FAMILIES
     n_fit_jailbreak: int = 120
     n_jailbreak_test: int | None = 60
+    n_sensitive_test: int | None = 80
     eps: float = 0.02
     margin: float = 0.25
 
     QUICK: ClassVar[dict[str, Any]] = {
         "strengths": (0.5, 1.0),
         "max_new_tokens": 12,
-        "n_harmful_test": 32,
-        "n_benign_test": 32,
+        "n_harmful_test": 24,
+        "n_benign_test": 24,
         "n_harmful_train": 200,
         "n_fit_jailbreak": 24,
         "n_jailbreak_test": 12,
+        "n_sensitive_test": 16,
     }
 
     @classmethod
@@ -108,10 +111,14 @@ class RobustSets:
 
     fit_malicious: PromptSet | None  # jailbreak-wrapped training requests (fit families)
     fit_benign: PromptSet  # sensitive-but-safe fit parts
-    calibration: PromptSet  # built-in benign validation + sensitive calibration parts
+    calibration: PromptSet  # unused built-in benign validation + sensitive calibration parts
     jailbreak_test: PromptSet  # held-out requests, held-out families
     sensitive_test: PromptSet  # sensitive-but-safe test parts
     notes: tuple[str, ...]
+
+
+def _sample(ps: PromptSet, n: int | None, seed: int) -> PromptSet:
+    return ps if n is None or n >= len(ps) else ps.sample(n, seed=seed)
 
 
 def robust_sets(data: Data, sp: R.Splits, cfg: DemoConfig) -> RobustSets:
@@ -143,17 +150,21 @@ def robust_sets(data: Data, sp: R.Splits, cfg: DemoConfig) -> RobustSets:
     jailbreak_test = (
         jail if n_jail is None or n_jail >= len(jail) else jail.sample(n_jail, seed=seed)
     )
-    calibration = PromptSet.concat(
-        "calibration", sp.benign_val, sensitive_role(sens, "calibration")
-    )
+    # Calibration: the built-in validation prompts that did not choose λ, and the sensitive
+    # calibration parts; none of them fitted w or chose λ (the conformal bound needs that).
+    parts_val = (1 - cfg.val_fraction, cfg.val_fraction)
+    full_val = data.prompts("builtin_benign").split(parts_val, seed=seed)[1]
+    used = set(sp.benign_val)
+    plain = [p for p in full_val if p not in used]
+    cal_parts = [full_val._derive(plain)] if plain else []
+    calibration = PromptSet.concat("calibration", *cal_parts, sensitive_role(sens, "calibration"))
+    sensitive_test = _sample(sensitive_role(sens, "test"), cfg.n_sensitive_test, seed)
     return RobustSets(
         fit_malicious=fit_malicious,
         fit_benign=sensitive_role(sens, "fit"),
         calibration=calibration,
         jailbreak_test=jailbreak_test._derive(jailbreak_test.prompts, "jailbreak_test"),
-        sensitive_test=sensitive_role(sens, "test")._derive(
-            sensitive_role(sens, "test").prompts, "sensitive_test"
-        ),
+        sensitive_test=sensitive_test._derive(sensitive_test.prompts, "sensitive_test"),
         notes=notes,
     )
 
