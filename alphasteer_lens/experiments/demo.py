@@ -242,6 +242,7 @@ def run_demo(
     manifest(None)
     artifact = out / ARTIFACT
     saved: dict[str, Any] = {}
+    fit_acts: dict[str, Any] = {}
     if resume and artifact.exists():
         steering, meta = load_steering_with_meta(artifact, model=model)
         assert isinstance(steering, AlphaSteer)
@@ -256,6 +257,7 @@ def run_demo(
             progress=progress,
         )  # fmt: skip
         steer_a, layers = fitted.alphasteer, fitted.layers
+        fit_acts = {"harmful": fitted.harmful, "benign": fitted.benign}
         refusal = {x: fitted.refusal[x] for x in layers}
         choice, refused_fraction = fitted.choice.to_dict(), fitted.refused_fraction
         saved = {
@@ -295,13 +297,12 @@ def run_demo(
         {x: t.double() for x, t in cal.by_layer().items()}, cfg.eps
     )
     cl = layers[0]
-    cast_fit = {
-        name: cache_activations(model, list(ps), layers=[cl], desc=f"CAST {name}", **kw)[cl]
-        for name, ps in (
-            ("harmful", sp.harmful_train), ("benign", sp.benign_train),
-            ("harmful_val", sp.harmful_val), ("benign_val", sp.benign_val),
-        )
-    }  # fmt: skip
+    sides = {"harmful": sp.harmful_train, "benign": sp.benign_train}
+    cast_fit = {k: fit_acts[k][cl] for k in sides} if fit_acts else {}  # reuse the fit's cache
+    for name, ps in {**sides, "harmful_val": sp.harmful_val, "benign_val": sp.benign_val}.items():
+        if name not in cast_fit:
+            acts = cache_activations(model, list(ps), layers=[cl], desc=f"CAST {name}", **kw)
+            cast_fit[name] = acts[cl]
     cast = Cast.fit(
         cast_fit["harmful"], cast_fit["benign"], condition_layer=cl, steer_layers=layers,
         steer_vectors=actadd.vectors, select_harmful=cast_fit["harmful_val"],
