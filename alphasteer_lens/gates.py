@@ -11,6 +11,12 @@ Two gates on the one steering runtime (:mod:`alphasteer_lens.steering`):
   prompts (:func:`conformal_threshold`): with exchangeable data, a new benign prompt from the
   calibration distribution is steered at all with probability ``≤ ε``. ``mode="layer"`` instead
   gates each layer on its own score with its own τ_l (no latch; the guarantee then holds per layer).
+  With a :class:`GateProbe` (``probe=``) the gate reads a linear probe's logit instead of ``s_l``:
+  a per-layer logistic regression of malicious (plain and jailbreak-wrapped) against benign
+  (plain and sensitive-but-safe) fit prompts. The steering added when the gate is open is still
+  AlphaSteer's ``s_l · r_l``; only *whether* to steer changes. AlphaSteer's score is a regression
+  target ("map malicious to r, benign to 0") and reads "sounds harmful"; the probe is trained to
+  tell the two classes apart, wrapped harm and safe-but-sensitive prompts included.
 - :class:`Cast`: the CAST baseline (IBM activation-steering, ICLR 2025): the cosine of ``h_last``
   with a condition direction at one condition layer, compared with a threshold chosen by F1 on a
   grid, switches ActAdd of the refusal vectors at the steered layers on or off for the prompt.
@@ -52,6 +58,7 @@ __all__ = [
     "CalibratedAlphaSteer",
     "Cast",
     "ConformalWarning",
+    "GateProbe",
     "best_threshold_f1",
     "conformal_rank",
     "conformal_threshold",
@@ -178,6 +185,77 @@ def _scores_matrix(
 
 
 @dataclass(frozen=True)
+class GateProbe:
+    """A linear gate score per steered layer: ``z_l = h_last·u_l + b_l`` (a logistic-regression
+    logit, malicious > 0). Fit with :meth:`fit`; ``u`` is ``[n_layers, d_model]``, ``b``
+    ``[n_layers]``, both float64, in the steering's layer order."""
+
+    layers: tuple[int, ...]
+    u: Float[Tensor, "layer d_model"]
+    b: Float[Tensor, " layer"]
+    C: float = 0.1
+
+    def __post_init__(self) -> None:
+        u = torch.as_tensor(self.u).detach().double().cpu()
+        b = torch.as_tensor(self.b).detach().double().cpu()
+        n = len(self.layers)
+        if u.ndim != 2 or u.shape[0] != n or b.shape != (n,):
+            raise ValueError(
+                f"GateProbe needs u [{n}, d_model] and b [{n}] for layers {list(self.layers)}, "
+                f"got u {tuple(u.shape)} and b {tuple(b.shape)}"
+            )
+        if not (torch.isfinite(u).all() and torch.isfinite(b).all()):
+            raise ValueError("GateProbe weights contain NaN or inf")
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        object.__setattr__(self, "u", u)
+        object.__setattr__(self, "b", b)
+
+    @classmethod
+    def fit(
+        cls,
+        malicious: Mapping[int, Tensor],
+        benign: Mapping[int, Tensor],
+        layers: Sequence[int],
+        *,
+        C: float = 0.1,
+        seed: int = 0,
+    ) -> GateProbe:
+        """One L2-regularised logistic regression per layer on standardised last-token
+        activations (``{layer: [n, d]}``), classes weighted to balance; the standardisation is
+        folded into ``u`` and ``b`` so the runtime does one dot product per prompt."""
+        from sklearn.linear_model import LogisticRegression
+
+        if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
+            raise ValueError(f"C (inverse regularisation strength) must be finite and > 0, got {C}")
+        us, bs = [], []
+        for layer in layers:
+            if layer not in malicious or layer not in benign:
+                raise ValueError(f"GateProbe.fit: no activations for layer {layer}")
+            a = malicious[layer].detach().double().cpu()
+            z = benign[layer].detach().double().cpu()
+            if a.ndim != 2 or z.ndim != 2 or a.shape[1] != z.shape[1] or not len(a) or not len(z):
+                raise ValueError(
+                    f"GateProbe.fit: layer {layer} needs two non-empty [n, d] sets of one d, got "
+                    f"{tuple(a.shape)} and {tuple(z.shape)}"
+                )
+            x = torch.cat([a, z]).numpy()
+            if not np.isfinite(x).all():
+                raise ValueError(f"GateProbe.fit: layer {layer} activations contain NaN or inf")
+            y = np.r_[np.ones(len(a)), np.zeros(len(z))]
+            mu, sd = x.mean(0), x.std(0) + 1e-6
+            clf = LogisticRegression(C=C, max_iter=5000, class_weight="balanced", random_state=seed)
+            clf.fit((x - mu) / sd, y)
+            coef = clf.coef_[0] / sd
+            us.append(torch.from_numpy(coef))
+            bs.append(float(clf.intercept_[0] - mu @ coef))
+        return cls(tuple(layers), torch.stack(us), torch.tensor(bs, dtype=torch.float64), float(C))
+
+    def scores(self, i: int, h: Tensor) -> Tensor:
+        """The logit of layer index ``i`` for rows ``h`` ``[n, d]`` (float64)."""
+        return h.double() @ self.u[i].to(h.device) + float(self.b[i])
+
+
+@dataclass(frozen=True)
 class CalibratedAlphaSteer:
     """AlphaSteer with a conformally calibrated dead zone (see the module docstring).
 
@@ -185,7 +263,8 @@ class CalibratedAlphaSteer:
     is ``None`` until :meth:`calibrate` (a steering with ``tau=None`` refuses to run). ``margin``
     is the width of the linear ramp above τ (0: a hard step). ``eps`` and ``n_calibration`` record
     how τ was made; ``scale`` divides each layer's score before gating (default 1: AlphaSteer's fit
-    already maps malicious prompts to ≈ 1 at every layer).
+    already maps malicious prompts to ≈ 1 at every layer). ``probe``: a :class:`GateProbe` whose
+    logit is the gate score instead of ``s_l`` (the steering stays ``s_l · r_l``).
     """
 
     base: AlphaSteer
@@ -195,6 +274,7 @@ class CalibratedAlphaSteer:
     eps: float | None = None
     n_calibration: int = 0
     scale: tuple[float, ...] | None = None
+    probe: GateProbe | None = None
     default_positions: ClassVar[str] = "prompt"
 
     def __post_init__(self) -> None:
@@ -217,6 +297,21 @@ class CalibratedAlphaSteer:
             object.__setattr__(self, name, v)
         if self.scale is not None and any(not (s > 0 and math.isfinite(s)) for s in self.scale):
             raise ValueError(f"scale values must be finite and > 0, got {self.scale}")
+        if self.probe is not None:
+            if not isinstance(self.probe, GateProbe):
+                raise ValueError(f"probe must be a GateProbe, got {type(self.probe).__name__}")
+            if self.probe.layers != tuple(self.base.layers):
+                raise ValueError(
+                    f"probe layers {list(self.probe.layers)} differ from the steering's "
+                    f"{list(self.base.layers)}"
+                )
+            if self.probe.u.shape[1] != self.base.r.shape[-1]:
+                raise ValueError(
+                    f"probe d_model {self.probe.u.shape[1]} differs from the steering's "
+                    f"{self.base.r.shape[-1]}"
+                )
+            if self.scale is not None:
+                raise ValueError("give either probe or scale, not both (scale divides s_l)")
         object.__setattr__(self, "_prev", tuple(_layer_order(self.base.layers)))
 
     # The runtime reads these.
@@ -241,10 +336,19 @@ class CalibratedAlphaSteer:
 
     # Scores and calibration.
     def layer_scores(self, acts: Mapping[int, Tensor]) -> Float[Tensor, "n layer"]:
-        """``s_l / scale_l`` per prompt and steered layer from cached (unsteered) last-token
-        activations ``{layer: [n, d]}`` (float64, ``base.layers`` order)."""
+        """The gate's layer scores (``s_l / scale_l``, or the probe's logit) per prompt and
+        steered layer from cached (unsteered) last-token activations ``{layer: [n, d]}``
+        (float64, ``base.layers`` order)."""
+        return self._scale(self._raw_scores(acts))
+
+    def _raw_scores(self, acts: Mapping[int, Tensor]) -> Float[Tensor, "n layer"]:
+        if self.probe is not None:
+            cols = [self.probe.scores(i, acts[x]).cpu() for i, x in enumerate(self.layers)]
+            return torch.stack(cols, 1)
         cols = [self.base.malicious_scores(layer, acts[layer]).cpu() for layer in self.layers]
-        s = torch.stack(cols, 1)
+        return torch.stack(cols, 1).double()
+
+    def _scale(self, s: Tensor) -> Tensor:
         if self.scale is not None:
             s = s / torch.tensor(self.scale, dtype=torch.float64)
         return s
@@ -272,7 +376,8 @@ class CalibratedAlphaSteer:
         too_few: TooFew = "warn",
     ) -> CalibratedAlphaSteer:
         """A copy with τ set by split conformal on benign calibration scores (``{layer: [n]}`` or
-        ``[n, n_layers]``, each ``h_last·w_l`` of a held-out benign prompt, before ``scale``).
+        ``[n, n_layers]``, each ``h_last·w_l`` of a held-out benign prompt, before ``scale``;
+        with a ``probe``, its logits).
 
         ``mode="prompt"``: τ = :func:`conformal_threshold` of ``max_l s_l`` at ε, the same at
         every layer, so ``P(a new benign prompt is steered at any layer) ≤ ε``. ``mode="layer"``:
@@ -286,9 +391,7 @@ class CalibratedAlphaSteer:
         conditional split conformal): the bound then holds for each group's distribution, not
         only for the mixture the calibration pool happens to be."""
         eps = _check_eps(eps)
-        s = _scores_matrix(self.base, benign_scores_per_layer)
-        if self.scale is not None:
-            s = s / torch.tensor(self.scale, dtype=torch.float64)
+        s = self._scale(_scores_matrix(self.base, benign_scores_per_layer))
         return replace(
             self,
             tau=self._thresholds(s, eps, groups, too_few),
@@ -323,8 +426,7 @@ class CalibratedAlphaSteer:
         too_few: TooFew = "warn",
     ) -> CalibratedAlphaSteer:
         """:meth:`calibrate` from cached benign last-token activations ``{layer: [n, d]}``."""
-        raw = {layer: self.base.malicious_scores(layer, benign[layer]) for layer in self.layers}
-        return self.calibrate(raw, eps, groups=groups, too_few=too_few)
+        return self.calibrate(self._raw_scores(benign), eps, groups=groups, too_few=too_few)
 
     def _tau(self) -> Tensor:
         if self.tau is None:
@@ -360,9 +462,10 @@ class CalibratedAlphaSteer:
         if last is not None:
             self._tau()  # raises before any state is touched when uncalibrated
             s = self.base.scores(i, last).double()
-            if self.scale is not None:
-                s = s / self.scale[i]
-            m = s
+            if self.probe is not None:
+                m = self.probe.scores(i, last)
+            else:
+                m = s / self.scale[i] if self.scale is not None else s
             prev = self._prev[i]  # type: ignore[attr-defined]
             if self.mode == "prompt" and prev is not None:
                 before = state.memo.get(("calibrated_alphasteer_max", id(self), prev))
@@ -374,10 +477,7 @@ class CalibratedAlphaSteer:
                 m = torch.maximum(m, before.to(m.device))
             state.memo[("calibrated_alphasteer_max", id(self), i)] = m
             g = self.gate(m, i)
-            coef = (g * s).to(torch.float32)
-            if self.scale is not None:
-                coef = coef * float(self.scale[i])  # steering uses the raw score s·scale
-            state.memo[key] = coef
+            state.memo[key] = (g * s).to(torch.float32)
         elif key not in state.memo:
             raise RuntimeError(
                 "CalibratedAlphaSteer: a decode step came before any prefill of its prompt"
@@ -596,11 +696,12 @@ def gate_report(
     """Per-layer gate scores and decisions for cached last-token activations of several prompt
     sets (``{set name: {layer: [n, d]}}``), one row per (set, prompt, layer).
 
-    Columns: ``set``, ``index``, ``prompt`` (if given), ``layer``, ``score`` (``h_last·w``, or
-    the cosine for CAST), ``gate_score`` (what is compared with τ), ``tau``, ``factor`` (the gate
-    factor at that layer), ``fired`` (factor > 0), ``fired_prompt`` (the prompt is steered at some
-    layer), ``first_layer`` (the first layer it fires at, −1 if none). Scores come from unsteered
-    activations: exact up to each prompt's first firing layer. Plain AlphaSteer has τ = −inf.
+    Columns: ``set``, ``index``, ``prompt`` (if given), ``layer``, ``score`` (``h_last·w``, a
+    probe's logit, or the cosine for CAST), ``gate_score`` (what is compared with τ), ``tau``,
+    ``factor`` (the gate factor at that layer), ``fired`` (factor > 0), ``fired_prompt`` (the
+    prompt is steered at some layer), ``first_layer`` (the first layer it fires at, −1 if none).
+    Scores come from unsteered activations: exact up to each prompt's first firing layer. Plain
+    AlphaSteer has τ = −inf.
     """
     import pandas as pd
 

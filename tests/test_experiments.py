@@ -96,6 +96,9 @@ def test_build_config_precedence(tmp_path: Path) -> None:
         ("layers = []\n", "layers must be non-empty"),
         ('prompt_format = "weird"\n', "--prompt-format must be"),
         ("seed = \n", "malformed TOML"),
+        ('gate = "cosine"\n', "'gate' must be 'probe' or 'score'"),
+        ("probe_c = 0\n", "probe_c must be a finite number > 0"),
+        ("probe_c = inf\n", "probe_c must be a finite number > 0"),
     ],
 )
 def test_bad_settings_are_config_errors(tmp_path: Path, toml: str, message: str) -> None:

@@ -14,6 +14,7 @@ from alphasteer_lens.gates import (
     CalibratedAlphaSteer,
     Cast,
     ConformalWarning,
+    GateProbe,
     best_threshold_f1,
     condition_direction,
     conformal_rank,
@@ -286,3 +287,67 @@ def test_gated_generation_same_with_and_without_kv_cache(tiny) -> None:  # type:
     for f, a, b in zip(fired, with_cache, vanilla, strict=True):
         if not f:
             assert a == b
+
+
+def test_gate_probe_folds_standardisation_into_one_dot_product() -> None:
+    """The probe's logit equals sklearn's decision function on standardised inputs (an
+    independent computation), and a separable problem is separated."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(0)
+    d = 8
+    shift = torch.zeros(d, dtype=torch.float64)
+    shift[2] = 3.0
+    mal = {0: torch.randn(60, d, generator=g, dtype=torch.float64) * 2 + shift}
+    ben = {0: torch.randn(90, d, generator=g, dtype=torch.float64) * 2 - shift}
+    probe = GateProbe.fit(mal, ben, (0,), C=0.5)
+    x = torch.cat([mal[0], ben[0]]).numpy()
+    y = np.r_[np.ones(60), np.zeros(90)]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=0.5, max_iter=5000, class_weight="balanced", random_state=0)
+    clf.fit((x - mu) / sd, y)
+    want = clf.decision_function((x - mu) / sd)
+    np.testing.assert_allclose(probe.scores(0, torch.from_numpy(x)).numpy(), want, atol=1e-8)
+    acc = ((want > 0) == y).mean()
+    assert acc > 0.9
+    with pytest.raises(ValueError, match="C"):
+        GateProbe.fit(mal, ben, (0,), C=0.0)
+    with pytest.raises(ValueError, match="layer 1"):
+        GateProbe.fit(mal, ben, (1,))
+    with pytest.raises(ValueError, match="NaN"):
+        GateProbe((0,), torch.full((1, d), math.nan), torch.zeros(1))
+
+
+def test_probe_gate_decides_on_the_probe_and_steers_with_alphasteer() -> None:
+    """With a probe the gate reads the probe's logit (not s = h·w), calibrates τ on probe
+    logits, and the added steering is still s·r."""
+    d = 6
+    base = _steer(d, (0,), seed=2)
+    w = base.w[0].double()
+    u = torch.zeros(1, d, dtype=torch.float64)
+    u[0, 0] = 1.0  # the probe reads coordinate 0 only
+    probe = GateProbe((0,), u, torch.tensor([-1.0], dtype=torch.float64))
+    cal_h = torch.randn(200, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    gated = CalibratedAlphaSteer(base, margin=0.0, probe=probe).calibrate_activations(
+        {0: cal_h}, eps=0.1
+    )
+    assert gated.tau is not None
+    assert gated.tau[0] == conformal_threshold(cal_h[:, 0] - 1.0, 0.1)
+    # row 0: probe high, row 1: probe low; both with s = h·w of the same size
+    h = torch.zeros(2, 3, d)
+    h[0, -1, 0] = 50.0
+    h[1, -1, 0] = -50.0
+    h[:, -1] += (5 * w / w.norm() ** 2).float()
+    s = (h[:, -1].double() @ w).float()
+    torch.testing.assert_close(
+        gated.decisions({0: h[:, -1].double()}), torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    )
+    rt = SteeringRuntime(gated, 1.0)
+    rt.begin_pass(torch.arange(6).reshape(2, 3))
+    out = rt.apply("blocks.0.hook_resid_pre", h)
+    torch.testing.assert_close(out[0], h[0] + s[0] * base.r[0])
+    assert torch.equal(out[1], h[1])
+    with pytest.raises(ValueError, match="probe layers"):
+        CalibratedAlphaSteer(_steer(d, (1,)), probe=probe)
+    with pytest.raises(ValueError, match="not both"):
+        CalibratedAlphaSteer(base, probe=probe, scale=(2.0,))

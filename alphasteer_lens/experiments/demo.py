@@ -7,10 +7,13 @@ AlphaSteer, its malicious side widened by jailbreak-wrapped requests (fit famili
 benign side by sensitive-but-safe prompts (their fit parts); ActAdd of the same directions; the
 artifact is saved right away. Then λ is chosen on the validation sets with the first-token
 refusal score (AlphaSteer: most harmful refusal with a bounded benign rise; ActAdd: matching
-AlphaSteer's harmful refusal). Calibrated AlphaSteer gates AlphaSteer at λ with τ set by split
-conformal on held-out benign prompts (built-in benign validation prompts that did not choose λ,
-and the sensitive calibration parts) for a false-steer rate ε; CAST gates ActAdd at its λ on the
-cosine with a condition direction, threshold by F1 on validation data. Every method generates
+AlphaSteer's harmful refusal). Calibrated AlphaSteer gates AlphaSteer at λ on a probe's logit
+(``gate="probe"``, default: a per-layer logistic regression of AlphaSteer's two fit sides, wrapped
+harm and sensitive-but-safe prompts included) or on AlphaSteer's own score ``h·w``
+(``gate="score"``), with τ set by split conformal on held-out benign prompts (built-in benign
+validation prompts that did not choose λ, and the sensitive calibration parts) for a false-steer
+rate ε; CAST gates ActAdd at its λ on the cosine with a condition direction, threshold by F1 on
+validation data. Every method generates
 greedily on the four held-out test columns, judged by the keyword judge: ``harmful``
 (HarmBench), ``jailbreak`` (the same held-out requests wrapped by families never used in the
 fit), ``benign`` (MT-Bench) and ``sensitive`` (the sensitive-but-safe test parts); gated rows
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import torch
@@ -35,12 +38,12 @@ from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.artifacts import load_steering_with_meta, save_steering
 from alphasteer_lens.experiments import recipe as R
-from alphasteer_lens.experiments.config import RunConfig
+from alphasteer_lens.experiments.config import ConfigError, RunConfig
 from alphasteer_lens.experiments.data import Data
 from alphasteer_lens.experiments.docs import demo_table
 from alphasteer_lens.experiments.manifest import write_manifest
 from alphasteer_lens.experiments.report import Clock, peak_rss_mib
-from alphasteer_lens.gates import CalibratedAlphaSteer, Cast, fired
+from alphasteer_lens.gates import CalibratedAlphaSteer, Cast, GateProbe, fired
 from alphasteer_lens.generation import generate_with_logits
 from alphasteer_lens.jailbreaks import (
     FIT_FAMILIES,
@@ -71,7 +74,9 @@ class DemoConfig(RunConfig):
         directory, when it has them); ``test_families`` (disjoint) wrap the held-out requests of the
         ``jailbreak`` column, at most ``n_jailbreak_test`` of them; the ``sensitive`` column samples
     at most ``n_sensitive_test`` of the sensitive test parts. ``eps``: calibrated AlphaSteer's
-        benign false-steer rate; ``margin``: its ramp width above τ.
+        benign false-steer rate; ``margin``: its ramp width above τ (in gate-score units);
+        ``gate``: what the gate reads, ``"probe"`` (a logistic probe of the fit sides, inverse
+        regularisation ``probe_c``) or ``"score"`` (AlphaSteer's ``h·w``).
     """
 
     n_harmful_test: int | None = None
@@ -83,6 +88,8 @@ class DemoConfig(RunConfig):
     n_sensitive_test: int | None = 80
     eps: float = 0.02
     margin: float = 0.25
+    gate: Literal["probe", "score"] = "probe"
+    probe_c: float = 0.1
 
     QUICK: ClassVar[dict[str, Any]] = {
         "strengths": (0.5, 1.0),
@@ -94,6 +101,11 @@ class DemoConfig(RunConfig):
         "n_jailbreak_test": 12,
         "n_sensitive_test": 16,
     }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.probe_c < float("inf"):
+            raise ConfigError(f"probe_c must be a finite number > 0, got {self.probe_c!r}")
 
     @classmethod
     def quick_config(cls, seed: int = 0) -> DemoConfig:
@@ -199,6 +211,21 @@ def fit_context(rs: RobustSets, model: Any, fmt: Any, room: int) -> RobustSets:
     return RobustSets(notes=tuple(notes), **out)  # type: ignore[arg-type]
 
 
+def _fit_sides(
+    model: Any, sp: R.Splits, rs: RobustSets, layers: list[int], kw: dict[str, Any]
+) -> tuple[dict[int, Any], dict[int, Any]]:
+    """AlphaSteer's two fit sides ``{layer: [n, d]}`` again (a resumed run did not keep them)."""
+    sides = []
+    for parts in ((sp.harmful_train, rs.fit_malicious), (sp.benign_train, rs.fit_benign)):
+        acts = [
+            cache_activations(model, list(ps), layers=layers, desc=f"gate probe {ps.name}", **kw)
+            for ps in parts
+            if ps is not None and len(ps)
+        ]
+        sides.append({x: torch.cat([a[x].double() for a in acts]) for x in layers})
+    return sides[0], sides[1]
+
+
 def run_demo(
     out: str | Path | None = None,
     cfg: DemoConfig | None = None,
@@ -243,6 +270,7 @@ def run_demo(
     artifact = out / ARTIFACT
     saved: dict[str, Any] = {}
     fit_acts: dict[str, Any] = {}
+    fit_sides: tuple[dict[int, Any], dict[int, Any]] | None = None
     if resume and artifact.exists():
         steering, meta = load_steering_with_meta(artifact, model=model)
         assert isinstance(steering, AlphaSteer)
@@ -258,6 +286,7 @@ def run_demo(
         )  # fmt: skip
         steer_a, layers = fitted.alphasteer, fitted.layers
         fit_acts = {"harmful": fitted.harmful, "benign": fitted.benign}
+        fit_sides = (fitted.fit_malicious, fitted.fit_benign)
         refusal = {x: fitted.refusal[x] for x in layers}
         choice, refused_fraction = fitted.choice.to_dict(), fitted.refused_fraction
         saved = {
@@ -293,7 +322,11 @@ def run_demo(
     # The gates: τ from held-out benign calibration prompts; CAST's threshold by F1 on validation.
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "prompt_format": fmt, "progress": progress}
     cal = cache_activations(model, list(rs.calibration), layers=layers, desc="calibration", **kw)
-    gated = CalibratedAlphaSteer(steer_a, margin=cfg.margin).calibrate_activations(
+    probe = None
+    if cfg.gate == "probe":
+        sides_fit = fit_sides or _fit_sides(model, sp, rs, layers, kw)
+        probe = GateProbe.fit(*sides_fit, layers, C=cfg.probe_c, seed=cfg.seed)
+    gated = CalibratedAlphaSteer(steer_a, margin=cfg.margin, probe=probe).calibrate_activations(
         {x: t.double() for x, t in cal.by_layer().items()}, cfg.eps
     )
     cl = layers[0]
@@ -377,6 +410,8 @@ def run_demo(
             "cast_layer": cl,
             "cast_threshold": cast.threshold,
             "cast_f1": cast.f1,
+            "kind": cfg.gate,
+            "probe_c": cfg.probe_c if cfg.gate == "probe" else None,
         },  # fmt: skip
         "benign_leakage": {str(k): v for k, v in zip(layers, steer_a.leakage, strict=True)},
         "direction": cfg.direction,
@@ -396,6 +431,9 @@ def run_demo(
     return report
 
 
+_GATE_WORDS = {"probe": "a logistic probe's logit", "score": "AlphaSteer's score h·w"}
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     """A short human-readable summary of a demo report."""
     leak = ", ".join(f"L{k}: {v:.3f}" for k, v in report["benign_leakage"].items())
@@ -407,7 +445,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
             f"Steered layers {report['layers']} (`resid_pre`, prompt positions; "
             f"{choice.get('how', 'given')}); "
             f"AlphaSteer λ = {report['strength']}, ActAdd λ = {report['actadd_strength']} "
-            "(chosen on validation data); calibrated AlphaSteer: ε = "
+            "(chosen on validation data); calibrated AlphaSteer: gate on "
+            f"{_GATE_WORDS.get(report['gate'].get('kind', 'score'), '?')}, ε = "
             f"{report['gate']['eps']}, τ = {report['gate']['tau'][0]:.3f} from "
             f"{report['gate']['n_calibration']} held-out benign prompts; CAST at layer "
             f"{report['gate']['cast_layer']}, threshold {report['gate']['cast_threshold']}.",

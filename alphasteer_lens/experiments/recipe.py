@@ -11,7 +11,7 @@ questions alone do not transfer to HarmBench's imperative requests, hence the Ha
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +174,9 @@ def splits(
 @dataclass(frozen=True)
 class Fit:
     """What the recipe fitted: layers (and how chosen), activations at every cached layer,
-    refusal directions, AlphaSteer, ActAdd of the same directions at the same layers."""
+    refusal directions, AlphaSteer, ActAdd of the same directions at the same layers;
+    ``fit_benign``/``fit_malicious``: AlphaSteer's two fit sides ``{layer: [n, d]}`` (the plain
+    sets plus ``extra_benign``/``extra_malicious``)."""
 
     choice: LayerChoice
     benign: Activations
@@ -184,6 +186,8 @@ class Fit:
     alphasteer: AlphaSteer
     actadd: ActAdd
     refused_fraction: float | None = None
+    fit_benign: dict[int, Tensor] = field(default_factory=dict)
+    fit_malicious: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[int]:
@@ -289,7 +293,9 @@ def fit(
         fit_b, fit_h, refusal, layers=layers, ratio=cfg.ratio, alpha=cfg.alpha
     )
     actadd = ActAdd(tuple(layers), torch.stack([refusal[layer] for layer in layers]))
-    return Fit(choice, acts_b, acts_h, dir_b, refusal, alphasteer, actadd, refused_fraction)
+    return Fit(
+        choice, acts_b, acts_h, dir_b, refusal, alphasteer, actadd, refused_fraction, fit_b, fit_h
+    )
 
 
 # --- λ on validation data -------------------------------------------------------------------
