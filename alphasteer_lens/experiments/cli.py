@@ -203,7 +203,11 @@ def _extra(name: str, help: str) -> inspect.Parameter:
     )
 
 
-_register("demo", "AlphaSteer vs ActAdd vs vanilla, end to end; λ chosen on validation data.")
+_register(
+    "demo",
+    "Vanilla, ActAdd, CAST, AlphaSteer and calibrated AlphaSteer in four held-out columns; "
+    "λ chosen on validation data.",
+)
 _register("figures", "Regenerate the figures (HTML + PNG) with their data and settings.")
 _register("compare", "Vanilla, ActAdd, refusal addition and AlphaSteer at a strength grid.")
 _register(

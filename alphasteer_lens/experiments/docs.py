@@ -30,6 +30,7 @@ BLOCK = re.compile(
     r"(<!-- generated: (?P<kind>\w+) (?P<report>\S+) -->\n)(?P<body>.*?)(<!-- end generated -->)",
     re.S,
 )
+DEMO_METHODS = ("vanilla", "actadd", "cast", "alphasteer", "alphasteer_calibrated")
 DEMO_COLUMNS = (
     "strength",
     "harmful_refusal_rate",
@@ -46,7 +47,10 @@ DEMO_COLUMNS = (
 def demo_table(report: dict[str, Any]) -> str:
     """The demo's methods table (also in its ``summary.md``)."""
     df = pd.DataFrame(report["methods"]).T
-    return markdown_table(df[[c for c in DEMO_COLUMNS if c in df.columns]])
+    order = [m for m in DEMO_METHODS if m in df.index] + [
+        m for m in df.index if m not in DEMO_METHODS
+    ]
+    return markdown_table(df.loc[order, [c for c in DEMO_COLUMNS if c in df.columns]])
 
 
 def compare_table(report: dict[str, Any]) -> str:
