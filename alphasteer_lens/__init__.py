@@ -14,7 +14,13 @@ from alphasteer_lens.directions import diff_in_means, refused_minus_complied
 from alphasteer_lens.evaluation import EvalSet, Method, compare_methods
 from alphasteer_lens.export import to_control_vector
 from alphasteer_lens.formats import PromptFormat
-from alphasteer_lens.gates import CalibratedAlphaSteer, Cast, conformal_threshold, gate_report
+from alphasteer_lens.gates import (
+    CalibratedAlphaSteer,
+    Cast,
+    GateProbe,
+    conformal_threshold,
+    gate_report,
+)
 from alphasteer_lens.generation import generate, next_token_logits
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import HookedModel, load_model
@@ -42,6 +48,7 @@ __all__ = [
     "Composition",
     "DirectionalAblation",
     "EvalSet",
+    "GateProbe",
     "HookedModel",
     "KeywordJudge",
     "Method",
