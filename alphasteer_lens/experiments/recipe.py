@@ -77,7 +77,7 @@ def preflight(cfg: RunConfig) -> Data:
     """Every check that needs no model (model path, device, data directory); the data resolver."""
     check_model_arg(cfg.model)
     check_device(cfg)
-    return Data.from_dir(cfg.data_dir)
+    return Data.from_dir(cfg.data_dir, cfg.hf_datasets)
 
 
 def load(cfg: RunConfig) -> tuple[HookedModel, PromptFormat]:
