@@ -3,7 +3,9 @@ hundreds of trials: everything a trial needs is cached once.
 
 Search space (:class:`SearchSpace`): the layer window (``start``, ``width``), the strength λ, the
 null-space ratio, the ridge α, the gate (``none``: AlphaSteer as fitted; ``calibrated``:
-:class:`~alphasteer_lens.gates.CalibratedAlphaSteer` with its false-steer rate ε).
+:class:`~alphasteer_lens.gates.CalibratedAlphaSteer` on AlphaSteer's own score with its
+false-steer rate ε; ``probe``: the same gate on a :class:`~alphasteer_lens.gates.GateProbe`
+logit, with the probe's inverse regularisation ``C`` searched too).
 
 Objectives, all from first-token logits on validation prompts (:data:`OBJECTIVES`):
 
@@ -40,7 +42,7 @@ from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer, fit_steering_weights
 from alphasteer_lens.directions import diff_in_means
 from alphasteer_lens.formats import PromptFormat
-from alphasteer_lens.gates import CalibratedAlphaSteer
+from alphasteer_lens.gates import CalibratedAlphaSteer, GateProbe
 from alphasteer_lens.generation import next_token_logits
 from alphasteer_lens.hookpoints import RESID_PRE
 from alphasteer_lens.judges import RefusalTokens, refusal_score
@@ -58,7 +60,7 @@ OBJECTIVES: tuple[tuple[str, str], ...] = (
     ("benign_kl", "minimize"),
     ("benign_refusal", "minimize"),
 )
-GATES = ("none", "calibrated")
+GATES = ("none", "calibrated", "probe")
 
 __all__ = [
     "OBJECTIVES",
@@ -79,7 +81,7 @@ __all__ = [
 class SearchSpace:
     """Ranges of the search. Layers are absolute indices, ``layer_max`` inclusive; a window that
     would run past ``layer_max`` is cut there. ``strength``, ``alpha`` and ``eps`` are sampled on
-    a log scale."""
+    a log scale, and so is the probe's ``probe_c``."""
 
     layer_min: int
     layer_max: int
@@ -90,13 +92,14 @@ class SearchSpace:
     eps: tuple[float, float] = (0.01, 0.2)
     gates: tuple[str, ...] = GATES
     margin: float = 0.25
+    probe_c: tuple[float, float] = (0.01, 10.0)
 
     def __post_init__(self) -> None:
         if not 0 <= self.layer_min <= self.layer_max:
             raise ValueError(
                 f"need 0 <= layer_min <= layer_max, got {self.layer_min}, {self.layer_max}"
             )
-        for name in ("width", "strength", "ratio", "alpha", "eps"):
+        for name in ("width", "strength", "ratio", "alpha", "eps", "probe_c"):
             lo, hi = getattr(self, name)
             if not lo <= hi or lo <= 0:
                 raise ValueError(f"{name} range must be 0 < low <= high, got {(lo, hi)}")
@@ -123,6 +126,7 @@ class TrialParams:
     gate: str = "none"
     eps: float | None = None
     margin: float = 0.25
+    probe_c: float | None = None
 
     def layers(self, layer_max: int | None = None) -> tuple[int, ...]:
         end = self.start + self.width - 1
@@ -141,11 +145,16 @@ class TrialParams:
             gate=str(d.get("gate", "none")),
             eps=None if d.get("eps") is None or _isnan(d.get("eps")) else float(d["eps"]),
             margin=float(d.get("margin", margin)),
+            probe_c=None if _missing(d.get("probe_c")) else float(d["probe_c"]),
         )
 
 
 def _isnan(x: Any) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+def _missing(x: Any) -> bool:
+    return x is None or _isnan(x)
 
 
 @dataclass
@@ -173,6 +182,17 @@ class SearchData:
     prompt_format: PromptFormat | str | None = None
     batch_size: int = 16
     meta: dict[str, Any] = field(default_factory=dict)
+    probes: dict[tuple[tuple[int, ...], float], GateProbe] = field(default_factory=dict)
+
+    def probe(self, layers: Sequence[int], C: float) -> GateProbe:
+        """The :class:`GateProbe` of the two fit sides at ``layers`` (fitted once per
+        ``(layers, C)``)."""
+        key = (tuple(layers), float(C))
+        if key not in self.probes:
+            self.probes[key] = GateProbe.fit(
+                self.fit_malicious, self.fit_benign, list(layers), C=float(C)
+            )
+        return self.probes[key]
 
 
 def _by_layer(acts: Any, layers: Sequence[int]) -> dict[int, Tensor]:
@@ -302,9 +322,14 @@ def build_steering(data: SearchData, params: TrialParams) -> AlphaSteer | Calibr
     )
     if params.gate == "none":
         return base
-    if params.gate != "calibrated" or params.eps is None:
-        raise ValueError(f"gate {params.gate!r} needs gate='calibrated' and an eps")
-    gate = CalibratedAlphaSteer(base, margin=params.margin)
+    if params.gate not in ("calibrated", "probe") or params.eps is None:
+        raise ValueError(f"gate {params.gate!r} needs gate 'calibrated' or 'probe' and an eps")
+    probe = None
+    if params.gate == "probe":
+        if params.probe_c is None:
+            raise ValueError("gate 'probe' needs probe_c")
+        probe = data.probe(layers, params.probe_c)
+    gate = CalibratedAlphaSteer(base, margin=params.margin, probe=probe)
     return gate.calibrate_activations(
         data.calibration, params.eps, groups=data.calibration_groups, too_few="ignore"
     )
@@ -364,8 +389,9 @@ def _suggest(trial: optuna.Trial, space: SearchSpace) -> TrialParams:
     ratio = trial.suggest_float("ratio", *space.ratio)
     alpha = trial.suggest_float("alpha", *space.alpha, log=True)
     gate = trial.suggest_categorical("gate", list(space.gates))
-    eps = trial.suggest_float("eps", *space.eps, log=True) if gate == "calibrated" else None
-    return TrialParams(start, width, strength, ratio, alpha, str(gate), eps, space.margin)
+    eps = trial.suggest_float("eps", *space.eps, log=True) if gate != "none" else None
+    c = trial.suggest_float("probe_c", *space.probe_c, log=True) if gate == "probe" else None
+    return TrialParams(start, width, strength, ratio, alpha, str(gate), eps, space.margin, c)
 
 
 def run_study(
@@ -436,7 +462,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         row: dict[str, Any] = {"number": t.number}
         row.update({k: t.params.get(k) for k in ("start", "width", "strength", "ratio", "alpha",
-                                                 "gate", "eps")})  # fmt: skip
+                                                 "gate", "eps", "probe_c")})  # fmt: skip
         row.update(dict(zip([n for n, _ in OBJECTIVES], t.values, strict=True)))
         row.update({k: v for k, v in t.user_attrs.items() if k not in row})
         row["pareto"] = t.number in front
@@ -463,7 +489,9 @@ def pareto_figure(trials: pd.DataFrame, *, title: str | None = None) -> go.Figur
         return fig
     hover = [
         f"#{r.number} layers {r.start}+{r.width} λ={r.strength:.3g} ratio={r.ratio:.2f} "
-        f"α={r.alpha:.3g} gate={r.gate}" + ("" if r.gate == "none" else f" ε={r.eps:.3g}")
+        f"α={r.alpha:.3g} gate={r.gate}"
+        + ("" if r.gate == "none" else f" ε={r.eps:.3g}")
+        + (f" C={r.probe_c:.3g}" if r.gate == "probe" else "")
         for r in trials.itertuples()
     ]
     trials = trials.assign(hover=hover)
@@ -473,7 +501,7 @@ def pareto_figure(trials: pd.DataFrame, *, title: str | None = None) -> go.Figur
         marker={"color": "lightgrey", "size": 7}, text=rest["hover"], hoverinfo="text+x+y",
     ))  # fmt: skip
     front = trials[trials["pareto"]].sort_values("benign_kl")
-    symbols = {"none": "circle", "calibrated": "diamond"}
+    symbols = {"none": "circle", "calibrated": "diamond", "probe": "star"}
     for gate, part in front.groupby("gate"):
         fig.add_trace(go.Scatter(
             x=part["benign_kl"], y=part["harmful_refusal"], mode="markers",

@@ -8,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -215,6 +216,30 @@ def test_best_window() -> None:
     assert best_window(table, 1, 10) == (4,)
     assert best_window(table, 20, 4) == (0, 1, 2, 3)
     assert best_window(table[table.layer >= 2], 20, 6) == (2, 3, 4, 5)
+
+
+def test_best_window_one_standard_error_rule() -> None:
+    """Brute force over every window: the earliest whose mean is ≥ best − its standard error."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 12))
+        layers = sorted(rng.choice(20, size=n, replace=False).tolist())
+        obj, se = rng.normal(size=n), rng.uniform(0, 0.8, size=n)
+        table = pd.DataFrame({"layer": layers, "objective": obj, "objective_se": se})
+        width, top = int(rng.integers(1, 6)), 20
+        w = min(width, top - layers[0])
+        means = {}
+        for s in range(layers[0], top - w + 1):
+            inside = [i for i, x in enumerate(layers) if s <= x < s + w]
+            if inside:
+                means[s] = (obj[inside].mean(), se[inside].mean())
+        best = max(means, key=lambda s: (means[s][0], -s))
+        want = min(s for s in means if means[s][0] >= means[best][0] - means[best][1])
+        assert best_window(table, width, top, one_se=True) == tuple(range(want, want + w))
+        assert best_window(table, width, top) == tuple(range(best, best + w))
+    flat = pd.DataFrame({"layer": [2, 4, 6], "objective": [0.5, 0.9, 1.0], "objective_se": 0.2})
+    assert best_window(flat, 1, 8, one_se=True) == (4,)  # 0.9 ≥ 1.0 − 0.2 > 0.5
+    assert best_window(flat, 1, 8) == (6,)
 
 
 # --- report helpers and manifests -----------------------------------------------------------

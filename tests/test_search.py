@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphasteer_lens.gates import CalibratedAlphaSteer
+from alphasteer_lens.gates import CalibratedAlphaSteer, GateProbe
 from alphasteer_lens.search import (
     SearchSpace,
     TrialParams,
@@ -58,6 +58,31 @@ def test_build_steering_and_evaluate(data, tiny) -> None:  # type: ignore[no-unt
     r0 = evaluate(tiny, data, shut)
     assert r0["benign_kl"] == 0.0 and r0["benign_steered_frac"] == 0.0
     assert r0["harmful_refusal"] == pytest.approx(r0["vanilla_harmful_refusal"])
+
+
+def test_probe_gate_in_the_search(data, tiny) -> None:  # type: ignore[no-untyped-def]
+    p = TrialParams(2, 2, 2.0, 0.5, 1.0, gate="probe", eps=0.1, probe_c=0.5)
+    st = build_steering(data, p)
+    ref = GateProbe.fit(data.fit_malicious, data.fit_benign, [2, 3], C=0.5)
+    assert isinstance(st, CalibratedAlphaSteer) and st.probe is not None
+    torch.testing.assert_close(st.probe.u, ref.u)
+    torch.testing.assert_close(st.probe.b, ref.b)
+    again = build_steering(data, p)
+    assert isinstance(again, CalibratedAlphaSteer) and again.probe is st.probe  # fitted once
+    # split conformal on the probe's logits: τ is the ⌈(n+1)(1−ε)⌉-th smallest of each
+    # calibration prompt's largest logit over the layers (n = 20, ε = 0.1: the 19th)
+    logits = torch.stack(
+        [ref.scores(i, data.calibration[x].float()).double() for i, x in enumerate((2, 3))], 1
+    )
+    want = float(logits.max(1).values.sort().values[18])
+    assert st.tau is not None and len(st.tau) == 2
+    assert st.tau == pytest.approx((want, want), rel=1e-5, abs=1e-6)
+    res = evaluate(tiny, data, p)
+    fired = st.decisions(data.val_harmful_acts).gt(0).any(1).float().mean()
+    assert res["harmful_steered_frac"] == pytest.approx(float(fired))
+    assert TrialParams.from_dict({**p.__dict__}) == p
+    with pytest.raises(ValueError, match="probe_c"):
+        build_steering(data, TrialParams(2, 2, 2.0, 0.5, 1.0, gate="probe", eps=0.1))
 
 
 def test_search_is_reproducible_with_a_seed(data, tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]

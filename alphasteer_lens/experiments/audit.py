@@ -110,6 +110,7 @@ def _auto_layers(model: Any, auditor: Auditor, cfg: AuditConfig, build: list[str
     return choose_layers(
         model, refusal, list(auditor.sets.fit_harmful[:n]), build[:n],
         width=cfg.n_steer_layers, skip_last=cfg.skip_last, strength=cfg.select_strength,
+        one_se=cfg.select_one_se,
         batch_size=cfg.batch_size,
     )  # fmt: skip
 

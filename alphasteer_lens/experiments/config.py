@@ -36,7 +36,8 @@ class RunConfig:
     (:mod:`alphasteer_lens.experiments.layers`). ``n_steer_layers`` (None: about a sixth of
     the model's layers), ``skip_last``, ``select_strength``, ``n_select`` (validation prompts
     per side), ``n_select_fit`` (training prompts per side for the candidate directions) and
-    ``select_stride`` (None: about 12 candidates) set that choice. ``prompt_format``:
+    ``select_stride`` (None: about 12 candidates) and ``select_one_se`` (the earliest window
+    within one standard error of the best, else the best) set that choice. ``prompt_format``:
     ``chat``, ``raw`` or a template holding ``{prompt}`` (None: chat when the tokenizer has a
     template, else raw).
     ``data_dir``: where named prompt sets are looked up first (else ``$ALPHASTEER_LENS_DATA``).
@@ -65,6 +66,7 @@ class RunConfig:
     n_select: int = 32
     n_select_fit: int = 128
     select_stride: int | None = None
+    select_one_se: bool = True
     ratio: float = 0.5
     alpha: float = 10.0
     direction: str = "diff_in_means"

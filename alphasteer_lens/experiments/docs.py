@@ -10,7 +10,9 @@ Markdown file's repository root)::
 ``python -m alphasteer_lens.experiments.docs --write README.md docs/*.md`` rewrites every block
 from its report; without ``--write`` it lists stale blocks and exits 1 (the test suite runs the
 check). Kinds: ``demo`` (methods table), ``compare`` (trade-off table), ``scans`` (refusal rate
-per condition and prompt set).
+per condition and prompt set), ``scans_classifier`` (the transition classifier on each test),
+``scans_anchoring`` (the vocabulary-projection segments), ``audit`` (refusal and margin per
+vector and condition).
 """
 
 from __future__ import annotations
@@ -68,10 +70,62 @@ def scans_table(report: dict[str, Any]) -> str:
     return markdown_table(rates.loc[order, sets].reset_index(), index=False)
 
 
+def scans_classifier_table(report: dict[str, Any]) -> str:
+    """SCANS' transition classifier at its τ: validation and each held-out test."""
+    clf = report["classifier"]
+    tests = [k for k in ("validation", "harmful_vs_sensitive", "harmful_vs_benign") if k in clf]
+    cols = ["n_harmful", "n_benign", "precision", "recall", "f1", "auroc", "fpr"]
+    df = pd.DataFrame({k: clf[k] for k in tests}).T[cols]
+    df[["n_harmful", "n_benign"]] = df[["n_harmful", "n_benign"]].astype(int)
+    return markdown_table(df)
+
+
+def scans_anchoring_table(report: dict[str, Any]) -> str:
+    """SCANS' layer segments: refusal-token hit rate, z-score and the top projected tokens."""
+    rows = [
+        {
+            "segment": s["segment"],
+            "layers": f"{s['layers'][0]}–{s['layers'][-1]}",
+            "hit_rate": s["hit_rate"],
+            "z": s["z"],
+            "top_tokens": " ".join(f"`{t}`".replace("|", "\\|") for t in s["top_tokens"][:8]),
+        }
+        for s in report["anchoring"]["segments"]
+    ]
+    return markdown_table(pd.DataFrame(rows), index=False)
+
+
+AUDIT_COLUMNS = (
+    "refusal_harmbench",
+    "refusal_donotanswer",
+    "refusal_harmful",
+    "refusal_jailbreak",
+    "harmful_kl",
+    "shift",
+    "margin_fraction",
+    "above_boundary",
+    "compliance_rate",
+    "json_opening",
+)
+
+
+def audit_table(report: dict[str, Any]) -> str:
+    """The audit's rows, one per (vector, condition), in the columns every vector has."""
+    frames = [
+        pd.DataFrame(res["table"]).assign(vector=res["name"]).set_index(["vector", "condition"])
+        for res in report["results"]
+    ]
+    df = pd.concat(frames)
+    return markdown_table(df[[c for c in AUDIT_COLUMNS if c in df.columns]])
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "audit": audit_table,
     "demo": demo_table,
     "compare": compare_table,
     "scans": scans_table,
+    "scans_classifier": scans_classifier_table,
+    "scans_anchoring": scans_anchoring_table,
 }
 
 

@@ -8,8 +8,13 @@ first-token numbers are measured on validation prompts:
 - ``induced``: rise of the mean refusal log-odds on harmful prompts over the vanilla model;
 - ``benign_kl``: mean ``KL(P_vanilla ‖ P_steered)`` of the first token on benign prompts.
 
-``objective = induced − benign_kl``; the chosen layers are the window of ``width`` consecutive
-layers whose evaluated candidates have the highest mean objective (ties: the earlier window).
+``objective = induced − benign_kl``, with its standard error over the prompts
+(``objective_se``). Windows of ``width`` consecutive layers are scored by the mean objective of
+their evaluated candidates. The chosen window is the **earliest** whose score is within one
+standard error of the best (the "one-standard-error rule" of model selection): later layers
+edit the output more directly and their steering carries over less to prompts unlike the
+validation ones, so among windows the validation data cannot tell apart, the one farthest from
+the output is taken. ``one_se=False`` takes the best window itself (ties: the earlier).
 """
 
 from __future__ import annotations
@@ -60,24 +65,38 @@ class LayerChoice:
         return {"layers": list(self.layers), "how": self.how, "candidates": table}
 
 
-def best_window(table: pd.DataFrame, width: int, top: int) -> tuple[int, ...]:
+def best_window(
+    table: pd.DataFrame, width: int, top: int, *, one_se: bool = False
+) -> tuple[int, ...]:
     """The ``width`` consecutive layers in ``[first candidate, top)`` whose rows of ``table``
-    (columns ``layer``, ``objective``) have the highest mean objective."""
+    (columns ``layer``, ``objective``) have the highest mean objective; with ``one_se``, the
+    earliest window whose mean is at least the best mean minus the best window's standard error
+    (the mean ``objective_se`` of its candidates, a bound that holds however the layers'
+    errors correlate)."""
     if table.empty:
         raise ValueError("no candidate layer was evaluated")
     low = int(table.layer.min())
     width = min(width, top - low)
     score = dict(zip(table.layer.astype(int), table.objective.astype(float), strict=True))
-    best: tuple[float, int] | None = None
+    errors = table["objective_se"] if "objective_se" in table else 0.0 * table.objective
+    se = dict(zip(table.layer.astype(int), errors.astype(float), strict=True))
+    windows: list[tuple[int, float, float]] = []  # start, mean objective, standard error
     for start in range(low, top - width + 1):
-        inside = [score[layer] for layer in range(start, start + width) if layer in score]
+        inside = [layer for layer in range(start, start + width) if layer in score]
         if inside:
-            mean = sum(inside) / len(inside)
-            if best is None or mean > best[0]:
-                best = (mean, start)
-    if best is None:
+            mean = sum(score[x] for x in inside) / len(inside)
+            windows.append((start, mean, sum(float(se[x]) for x in inside) / len(inside)))
+    if not windows:
         raise ValueError("no candidate layer was evaluated")
-    return tuple(range(best[1], best[1] + width))
+    best = max(windows, key=lambda w: (w[1], -w[0]))
+    floor = best[1] - best[2] if one_se else best[1]
+    start = min(w[0] for w in windows if w[1] >= floor)
+    return tuple(range(start, start + width))
+
+
+def _var_of_mean(x: Tensor) -> float:
+    """The squared standard error of the mean of ``x`` (0 for fewer than two values)."""
+    return float(x.var() / x.numel()) if x.numel() > 1 else 0.0
 
 
 def choose_layers(
@@ -92,6 +111,7 @@ def choose_layers(
     batch_size: int = 16,
     prompt_format: PromptFormat | None = None,
     hook_template: str = RESID_PRE,
+    one_se: bool = True,
     progress: bool = False,
 ) -> LayerChoice:
     """Steered layers for ``model`` (see the module docstring). ``refusal`` maps each candidate
@@ -121,16 +141,17 @@ def choose_layers(
             next_token_logits(model, harmful, steering=st, strength=strength, **kw), ids
         )
         b = next_token_logits(model, benign, steering=st, strength=strength, **kw)
-        induced = float((h - base_h).mean())
-        kl = float(first_token_kl(base_b, b).mean())
-        rows.append(
-            {"layer": layer, "induced": induced, "benign_kl": kl, "objective": induced - kl}
-        )
-    table = pd.DataFrame(rows, columns=["layer", "induced", "benign_kl", "objective"])
-    layers = best_window(table, width, top)
+        induced, kl = (h - base_h).double(), first_token_kl(base_b, b)
+        se = math.sqrt(_var_of_mean(induced) + _var_of_mean(kl))
+        row = {"layer": layer, "induced": float(induced.mean()), "benign_kl": float(kl.mean())}
+        rows.append(row | {"objective": row["induced"] - row["benign_kl"], "objective_se": se})
+    columns = ["layer", "induced", "benign_kl", "objective", "objective_se"]
+    table = pd.DataFrame(rows, columns=columns)
+    layers = best_window(table, width, top, one_se=one_se)
     evaluated = [int(x) for x in table.layer] if len(table) else []
+    rule = "the earliest within one standard error of the best" if one_se else "the best"
     how = (
-        f"auto: {width} consecutive layers with the highest mean (induced harmful refusal "
+        f"auto: {width} consecutive layers, {rule} by mean (induced harmful refusal "
         f"log-odds − benign first-token KL) at λ = {strength:g}, candidates {evaluated} "
         f"(last {n_layers - top} of {n_layers} layers skipped), {len(harmful)} harmful + "
         f"{len(benign)} benign validation prompts"

@@ -224,6 +224,7 @@ def select_layers(
         width=cfg.n_steer_layers,
         skip_last=cfg.skip_last,
         strength=cfg.select_strength,
+        one_se=cfg.select_one_se,
         batch_size=cfg.batch_size,
         prompt_format=fmt,
         progress=progress,

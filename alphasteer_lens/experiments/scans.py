@@ -306,7 +306,7 @@ def run_scans(
             model, {layer: scans.vectors[layer] for layer in stride},
             list(sets["val_harmful"][: cfg.n_select]), list(sets["val_benign"]),
             width=cfg.n_steer_layers, skip_last=cfg.skip_last, strength=cfg.induce_strength,
-            batch_size=cfg.batch_size, hook_template=RESID_POST,
+            batch_size=cfg.batch_size, hook_template=RESID_POST, one_se=cfg.select_one_se,
         )  # fmt: skip
     induce_layers = list(choice.layers)
     induce = ActAdd(tuple(induce_layers), scans.vectors[induce_layers], RESID_POST)

@@ -83,7 +83,9 @@ class SearchConfig(RunConfig):
     ``n_trials`` more trials are run (a study already in ``study.db`` is resumed);
     ``population``: NSGA-II population size; ``max_width``: widest layer window;
     ``strength_range``, ``ratio_range``, ``alpha_range``, ``eps_range``: search ranges;
-    ``gates``: ``none`` and/or ``calibrated``; ``margin``: the gate's ramp width.
+    ``gates``: any of ``none``, ``calibrated`` (gate on AlphaSteer's score) and ``probe`` (gate
+    on a logistic probe of the fit sides, its ``C`` searched in ``probe_c_range``); ``margin``:
+    the gate's ramp width.
     ``n_fit_benign`` caps the benign fit set (None: all 60% of the built-in set) and
     ``n_sensitive_fit`` the sensitive-but-safe prompts added to it; ``n_calibration`` caps the
     calibration pool (built-in benign + sensitive calibration parts, sampled as one);
@@ -105,7 +107,8 @@ class SearchConfig(RunConfig):
     ratio_range: tuple[float, ...] = (0.2, 0.8)
     alpha_range: tuple[float, ...] = (0.1, 100.0)
     eps_range: tuple[float, ...] = (0.01, 0.2)
-    gates: tuple[str, ...] = ("none", "calibrated")
+    gates: tuple[str, ...] = ("none", "calibrated", "probe")
+    probe_c_range: tuple[float, ...] = (0.01, 10.0)
     margin: float = 0.25
     n_fit_benign: int | None = None
     fit_families: tuple[str, ...] = FIT_FAMILIES
@@ -260,6 +263,7 @@ def _space(cfg: SearchConfig, n_layers: int) -> SearchSpace:
         strength=_pair(cfg.strength_range, "strength_range"),
         ratio=_pair(cfg.ratio_range, "ratio_range"), alpha=_pair(cfg.alpha_range, "alpha_range"),
         eps=_pair(cfg.eps_range, "eps_range"), gates=tuple(cfg.gates), margin=cfg.margin,
+        probe_c=_pair(cfg.probe_c_range, "probe_c_range"),
     )  # fmt: skip
 
 
@@ -461,7 +465,7 @@ def summary_markdown(report: dict[str, Any], recheck: pd.DataFrame, front: pd.Da
         "## Pareto front (validation, first-token)",
         "",
     ]
-    keep = ["number", "start", "width", "strength", "ratio", "alpha", "gate", "eps",
+    keep = ["number", "start", "width", "strength", "ratio", "alpha", "gate", "eps", "probe_c",
             "harmful_refusal", "benign_kl", "benign_refusal", "benign_steered_frac"]  # fmt: skip
     if not front.empty:
         lines.append(markdown_table(front[[c for c in keep if c in front]], index=False))
