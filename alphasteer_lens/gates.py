@@ -184,6 +184,9 @@ def _scores_matrix(
     return m
 
 
+PROBE_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
 @dataclass(frozen=True)
 class GateProbe:
     """A linear gate score per steered layer: ``z_l = h_last·u_l + b_l`` (a logistic-regression
@@ -249,6 +252,58 @@ class GateProbe:
             us.append(torch.from_numpy(coef))
             bs.append(float(clf.intercept_[0] - mu @ coef))
         return cls(tuple(layers), torch.stack(us), torch.tensor(bs, dtype=torch.float64), float(C))
+
+    @staticmethod
+    def select_c(
+        malicious: Mapping[int, Tensor],
+        benign: Mapping[int, Tensor],
+        layers: Sequence[int],
+        *,
+        grid: Sequence[float] = PROBE_C_GRID,
+        folds: int = 3,
+        seed: int = 0,
+    ) -> tuple[float, pd.DataFrame]:
+        """The ``C`` of ``grid`` with the lowest mean cross-validated log-loss (stratified
+        ``folds``-fold, classes weighted to balance, standardised inside each fold) over
+        ``layers``, and the table of every ``(C, layer)`` loss. Uses the fit data only, so the
+        choice never sees calibration or test prompts."""
+        import pandas as pd
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold, cross_val_score
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        cs = [float(c) for c in grid]
+        if not cs or not all(math.isfinite(c) and c > 0 for c in cs):
+            raise ValueError(f"grid must hold finite C > 0, got {list(grid)}")
+        rows = []
+        for layer in layers:
+            if layer not in malicious or layer not in benign:
+                raise ValueError(f"GateProbe.select_c: no activations for layer {layer}")
+            a, z = malicious[layer].detach().double().cpu(), benign[layer].detach().double().cpu()
+            k = min(len(a), len(z))
+            if folds < 2 or k < folds:
+                raise ValueError(
+                    f"GateProbe.select_c: {folds} folds need at least {max(folds, 2)} prompts per "
+                    f"side, layer {layer} has {len(a)} malicious and {len(z)} benign"
+                )
+            x, y = torch.cat([a, z]).numpy(), np.r_[np.ones(len(a)), np.zeros(len(z))]
+            if not np.isfinite(x).all():
+                raise ValueError(
+                    f"GateProbe.select_c: layer {layer} activations contain NaN or inf"
+                )
+            split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+            for c in cs:
+                clf = LogisticRegression(
+                    C=c, max_iter=5000, class_weight="balanced", random_state=seed
+                )
+                loss = -cross_val_score(
+                    make_pipeline(StandardScaler(), clf), x, y, cv=split, scoring="neg_log_loss"
+                )
+                rows.append({"C": c, "layer": int(layer), "log_loss": float(loss.mean())})
+        table = pd.DataFrame(rows)
+        mean = table.groupby("C", sort=True).log_loss.mean()
+        return float(mean.idxmin()), table
 
     def scores(self, i: int, h: Tensor) -> Tensor:
         """The logit of layer index ``i`` for rows ``h`` ``[n, d]`` (float64)."""

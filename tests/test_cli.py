@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from alphasteer_lens.experiments import recipe
@@ -164,6 +165,13 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     assert manifest["data"]["harmful_test"]["n"] == 6 and manifest["versions"]["torch"]
     assert {"fit", "validation_sweep", "evaluate"} <= set(report["timings"])
     assert (out / "alphasteer.safetensors").exists() and (out / "generations.csv").exists()
+    gates = pd.read_csv(out / "gates.csv")  # one row per (column, prompt, layer)
+    gens = pd.read_csv(out / "generations.csv")
+    assert len(gates) == (gens.method == "vanilla").sum() * len(report["layers"])
+    steered = gates[gates.set == "benign"].groupby("index").fired_prompt.first().mean()
+    assert steered == pytest.approx(report["methods"]["alphasteer_calibrated"][
+        "benign_steered_fraction"])  # fmt: skip
+    assert str(out / "gate_histogram.html") in report["figures"]
 
     capsys.readouterr()
     assert main(["rerun", str(out / "manifest.json")]) == 0

@@ -10,6 +10,7 @@ import pytest
 
 from alphasteer_lens.artifacts import load_steering
 from alphasteer_lens.experiments.demo import COLUMNS, DemoConfig, run_demo
+from alphasteer_lens.gates import PROBE_C_GRID
 
 METHODS = {"vanilla", "actadd", "cast", "alphasteer", "alphasteer_calibrated"}
 
@@ -32,7 +33,10 @@ def test_demo_quick_end_to_end(tmp_path: Path, smollm) -> None:  # type: ignore[
     gate = on_disk["gate"]
     assert gate["eps"] == 0.02 and gate["n_calibration"] == on_disk["data"]["calibration"]
     assert len(gate["tau"]) == 5 and all(t == t for t in gate["tau"])  # calibrated, not NaN
-    assert gate["kind"] == "probe" and gate["probe_c"] == 0.1
+    assert gate["kind"] == "probe" and gate["probe_c_how"] == "cv on the fit sides"
+    assert gate["probe_c"] in PROBE_C_GRID and set(gate["probe_cv_log_loss"]) == {
+        str(c) for c in PROBE_C_GRID
+    }
     # The probe gate separates on this model: it opens for held-out plain harmful requests far
     # more often than for MT-Bench (offline on the full sets: 92% vs 0%).
     calib = on_disk["methods"]["alphasteer_calibrated"]

@@ -98,8 +98,9 @@ def test_build_config_precedence(tmp_path: Path) -> None:
         ('prompt_format = "weird"\n', "--prompt-format must be"),
         ("seed = \n", "malformed TOML"),
         ('gate = "cosine"\n', "'gate' must be 'probe' or 'score'"),
-        ("probe_c = 0\n", "probe_c must be a finite number > 0"),
-        ("probe_c = inf\n", "probe_c must be a finite number > 0"),
+        ("probe_c = 0\n", "probe_c must be 'cv' or a finite number > 0"),
+        ("probe_c = inf\n", "probe_c must be 'cv' or a finite number > 0"),
+        ('probe_c = "auto"\n', "config field 'probe_c' must be float or 'cv'"),
     ],
 )
 def test_bad_settings_are_config_errors(tmp_path: Path, toml: str, message: str) -> None:

@@ -318,6 +318,47 @@ def test_gate_probe_folds_standardisation_into_one_dot_product() -> None:
         GateProbe((0,), torch.full((1, d), math.nan), torch.zeros(1))
 
 
+def test_gate_probe_select_c_by_cross_validated_log_loss() -> None:
+    """``select_c`` against a by-hand k-fold: standardise on the training folds, fit, and average
+    ``−mean(y log p + (1−y) log(1−p))`` on the held-out fold; the smallest mean over layers
+    wins. With few prompts in high dimension the weakest regularisation overfits."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    g = torch.Generator().manual_seed(1)
+    d, grid = 40, (0.001, 0.1, 100.0)
+    shift = torch.zeros(d, dtype=torch.float64)
+    shift[:3] = 0.8
+    mal = {x: torch.randn(30, d, generator=g, dtype=torch.float64) + shift for x in (3, 5)}
+    ben = {x: torch.randn(45, d, generator=g, dtype=torch.float64) - shift for x in (3, 5)}
+    best, table = GateProbe.select_c(mal, ben, (3, 5), grid=grid, folds=3, seed=0)
+    y = np.r_[np.ones(30), np.zeros(45)]
+    split = StratifiedKFold(n_splits=3, shuffle=True, random_state=0)
+    means = {}
+    for c in grid:
+        per_layer = []
+        for layer in (3, 5):
+            x = torch.cat([mal[layer], ben[layer]]).numpy()
+            losses = []
+            for tr, te in split.split(x, y):
+                mu, sd = x[tr].mean(0), x[tr].std(0)
+                clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced")
+                clf.fit((x[tr] - mu) / sd, y[tr])
+                p = np.clip(clf.predict_proba((x[te] - mu) / sd)[:, 1], 1e-15, 1 - 1e-15)
+                losses.append(-np.mean(y[te] * np.log(p) + (1 - y[te]) * np.log(1 - p)))
+            got = table.query("C == @c and layer == @layer").log_loss.item()
+            assert got == pytest.approx(np.mean(losses), rel=1e-4)
+            per_layer.append(np.mean(losses))
+        means[c] = np.mean(per_layer)
+    assert best == min(means, key=lambda c: means[c]) and best != 100.0
+    with pytest.raises(ValueError, match="grid"):
+        GateProbe.select_c(mal, ben, (3,), grid=(0.0, 1.0))
+    with pytest.raises(ValueError, match="5 folds need at least 5 prompts per side"):
+        GateProbe.select_c({3: mal[3][:4]}, ben, (3,), folds=5)
+    with pytest.raises(ValueError, match="layer 4"):
+        GateProbe.select_c(mal, ben, (4,))
+
+
 def test_probe_gate_decides_on_the_probe_and_steers_with_alphasteer() -> None:
     """With a probe the gate reads the probe's logit (not s = h·w), calibrates τ on probe
     logits, and the added steering is still s·r."""

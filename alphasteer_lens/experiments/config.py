@@ -145,7 +145,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     """``value`` as field ``name`` of ``cls`` wants it: lists to tuples, ints to floats; anything
     else of the wrong type is a :class:`ConfigError` naming the field."""
     hint = _type_of(cls, name)
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union  # noqa: TID251
+    options = typing.get_args(hint) if union else (hint,)
     if value is None:
         if type(None) in options:
             return None

@@ -43,7 +43,14 @@ from alphasteer_lens.experiments.data import Data
 from alphasteer_lens.experiments.docs import demo_table
 from alphasteer_lens.experiments.manifest import write_manifest
 from alphasteer_lens.experiments.report import Clock, peak_rss_mib
-from alphasteer_lens.gates import CalibratedAlphaSteer, Cast, GateProbe, fired
+from alphasteer_lens.gates import (
+    CalibratedAlphaSteer,
+    Cast,
+    GateProbe,
+    fired,
+    gate_histogram,
+    gate_report,
+)
 from alphasteer_lens.generation import generate_with_logits
 from alphasteer_lens.jailbreaks import (
     FIT_FAMILIES,
@@ -58,6 +65,7 @@ from alphasteer_lens.models import model_name
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.steering import ActAdd
 from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
+from alphasteer_lens.viz import save_figure
 
 ARTIFACT = "alphasteer.safetensors"
 
@@ -76,7 +84,9 @@ class DemoConfig(RunConfig):
     at most ``n_sensitive_test`` of the sensitive test parts. ``eps``: calibrated AlphaSteer's
         benign false-steer rate; ``margin``: its ramp width above τ (in gate-score units);
         ``gate``: what the gate reads, ``"probe"`` (a logistic probe of the fit sides, inverse
-        regularisation ``probe_c``) or ``"score"`` (AlphaSteer's ``h·w``).
+        regularisation ``probe_c``: a number, or ``"cv"`` to choose it by cross-validated
+        log-loss on the fit sides alone, :meth:`GateProbe.select_c`) or ``"score"``
+        (AlphaSteer's ``h·w``).
     """
 
     n_harmful_test: int | None = None
@@ -89,7 +99,7 @@ class DemoConfig(RunConfig):
     eps: float = 0.02
     margin: float = 0.25
     gate: Literal["probe", "score"] = "probe"
-    probe_c: float = 0.1
+    probe_c: float | Literal["cv"] = "cv"
 
     QUICK: ClassVar[dict[str, Any]] = {
         "strengths": (0.5, 1.0),
@@ -104,8 +114,8 @@ class DemoConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.probe_c < float("inf"):
-            raise ConfigError(f"probe_c must be a finite number > 0, got {self.probe_c!r}")
+        if self.probe_c != "cv" and not 0 < float(self.probe_c) < float("inf"):
+            raise ConfigError(f"probe_c must be 'cv' or a finite number > 0, got {self.probe_c!r}")
 
     @classmethod
     def quick_config(cls, seed: int = 0) -> DemoConfig:
@@ -322,10 +332,13 @@ def run_demo(
     # The gates: τ from held-out benign calibration prompts; CAST's threshold by F1 on validation.
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "prompt_format": fmt, "progress": progress}
     cal = cache_activations(model, list(rs.calibration), layers=layers, desc="calibration", **kw)
-    probe = None
+    probe, probe_cv = None, None
     if cfg.gate == "probe":
         sides_fit = fit_sides or _fit_sides(model, sp, rs, layers, kw)
-        probe = GateProbe.fit(*sides_fit, layers, C=cfg.probe_c, seed=cfg.seed)
+        probe_c = cfg.probe_c
+        if probe_c == "cv":
+            probe_c, probe_cv = GateProbe.select_c(*sides_fit, layers, seed=cfg.seed)
+        probe = GateProbe.fit(*sides_fit, layers, C=float(probe_c), seed=cfg.seed)
     gated = CalibratedAlphaSteer(steer_a, margin=cfg.margin, probe=probe).calibrate_activations(
         {x: t.double() for x, t in cal.by_layer().items()}, cfg.eps
     )
@@ -354,6 +367,13 @@ def run_demo(
             model, list(ps), layers=layers, desc=f"test {col}", **kw).by_layer().items()}
         for col, ps in columns.items()
     }  # fmt: skip
+    # Which test prompts the calibrated gate opens for, per layer, and the score histograms.
+    gates_df = gate_report(gated, test_acts, {col: list(ps) for col, ps in columns.items()})
+    atomic_write_bytes(gates_df.to_csv(index=False).encode(), out / "gates.csv")
+    histogram = gate_histogram(
+        gates_df, column="gate_score", title=f"Calibrated AlphaSteer: gate scores ({cfg.gate})"
+    )
+    figures = [str(p) for p in save_figure(histogram, out / "gate_histogram")]
     methods: dict[str, tuple[Any, float]] = {
         "vanilla": (None, 0.0),
         "actadd": (actadd, lam_act),
@@ -411,8 +431,17 @@ def run_demo(
             "cast_threshold": cast.threshold,
             "cast_f1": cast.f1,
             "kind": cfg.gate,
-            "probe_c": cfg.probe_c if cfg.gate == "probe" else None,
+            "probe_c": probe.C if probe is not None else None,
+            "probe_c_how": (
+                None if probe is None else "given" if probe_cv is None else "cv on the fit sides"
+            ),
+            "probe_cv_log_loss": (
+                None
+                if probe_cv is None
+                else probe_cv.groupby("C").log_loss.mean().rename(str).to_dict()
+            ),
         },  # fmt: skip
+        "figures": figures,
         "benign_leakage": {str(k): v for k, v in zip(layers, steer_a.leakage, strict=True)},
         "direction": cfg.direction,
         "harmful_train_refused_fraction": refused_fraction,
