@@ -85,6 +85,7 @@ def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["demo", "--hf-dataset", "walledai/HarmBench"], "--hf-dataset must look like"),
         (["demo", "--hf-dataset", "harmbench=org/set:train:prompt:x"], "must look like 'ID[@"),
         (["demo", "--hf-dataset", "harmbench=org/set@:train"], "must look like 'ID[@"),
+        (["demo", "--hf-dataset", "harmbench=/no/such/set"], "for prompt set 'harmbench': cannot"),
         (["scans", "--prompt-format", "raw"], "supports the chat format only"),
         (["audit", "--vector", "/no/such.gguf"], "--vector /no/such.gguf: no such file"),
         (["rerun", "/no/such/manifest.json"], "manifest not found"),

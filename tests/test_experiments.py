@@ -101,6 +101,10 @@ def test_build_config_precedence(tmp_path: Path) -> None:
         ("probe_c = 0\n", "probe_c must be 'cv' or a finite number > 0"),
         ("probe_c = inf\n", "probe_c must be 'cv' or a finite number > 0"),
         ('probe_c = "auto"\n', "config field 'probe_c' must be float or 'cv'"),
+        (
+            "[hf_datasets]\nharmbench = 5\n",
+            "'hf_datasets' holds strings only, got {'harmbench': 5}",
+        ),
     ],
 )
 def test_bad_settings_are_config_errors(tmp_path: Path, toml: str, message: str) -> None:
@@ -185,6 +189,8 @@ def test_data_from_a_hugging_face_dataset(tmp_path: Path, monkeypatch) -> None: 
     first = Data.from_dir(root, {"jailbreak_train": f"{folder}:test:query"})
     assert first.prompts("jailbreak_train").prompts == ("From the folder.",)
     missing = Data.from_dir(None, {"jailbreak_train": f"{tmp_path / 'absent'}:test"})
+    with pytest.raises(C.ConfigError, match="for prompt set 'jailbreak_train': cannot load it"):
+        missing.load_hf()  # what the pipelines run before the model loads
     with pytest.raises(C.ConfigError, match="for prompt set 'jailbreak_train': cannot load it"):
         missing.optional("jailbreak_train")  # named by the user: an error, not a note
     wrong = Data.from_dir(None, {"jailbreak_train": f"{folder}:test:text"})

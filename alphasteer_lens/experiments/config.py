@@ -161,7 +161,10 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
             (item,) = {a for a in typing.get_args(opt) if a is not Ellipsis}
             return tuple(_scalar(item, name, v) for v in value)
         if origin is dict and isinstance(value, Mapping):
-            return {str(k): str(v) for k, v in value.items()}
+            bad = {k: v for k, v in value.items() if not isinstance(v, str)}
+            if bad:
+                raise ConfigError(f"config field {name!r} holds strings only, got {bad!r}")
+            return {str(k): v for k, v in value.items()}
         if origin in (int, float, str, bool):
             try:
                 return _scalar(origin, name, value)

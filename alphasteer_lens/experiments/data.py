@@ -24,7 +24,7 @@ from pathlib import Path
 
 from alphasteer_lens import prompts as P
 from alphasteer_lens.evaluation import EvalSet
-from alphasteer_lens.experiments.config import ConfigError, parse_hf_dataset
+from alphasteer_lens.experiments.config import ConfigError, HfDataset, parse_hf_dataset
 
 DATA_ENV = P.SHARED_DATA_ENV
 _FALLBACK_SENSITIVE = Path(P.__file__).resolve().parent / "data" / "sensitive_benign.json"
@@ -66,6 +66,7 @@ class Data:
     root: Path | None = None
     notes: list[str] = field(default_factory=list)
     hf: dict[str, str] = field(default_factory=dict)
+    _loaded: dict[str, P.PromptSet] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dir(cls, data_dir: str | Path | None, hf: dict[str, str] | None = None) -> Data:
@@ -89,8 +90,22 @@ class Data:
             return f"hf:{spec.id}[{spec.split}]"
         return "builtin"
 
+    def load_hf(self) -> None:
+        """Load every Hugging Face set named in :attr:`hf` that the data directory does not
+        shadow (the pipelines call it before the model loads, so a set that cannot be loaded
+        fails first)."""
+        for name in self.hf:
+            if self._file(name) is None:
+                self._from_hf(name, None)
+
     def _from_hf(self, name: str, column: str | None) -> P.PromptSet:
         spec = parse_hf_dataset(self.hf[name])
+        key = f"{name}\0{spec.column or column}"
+        if key not in self._loaded:
+            self._loaded[key] = self._load_hf(name, spec, column)
+        return self._loaded[key]
+
+    def _load_hf(self, name: str, spec: HfDataset, column: str | None) -> P.PromptSet:
         try:
             return P.load_hf_dataset(
                 spec.id,

@@ -77,7 +77,9 @@ def preflight(cfg: RunConfig) -> Data:
     """Every check that needs no model (model path, device, data directory); the data resolver."""
     check_model_arg(cfg.model)
     check_device(cfg)
-    return Data.from_dir(cfg.data_dir, cfg.hf_datasets)
+    data = Data.from_dir(cfg.data_dir, cfg.hf_datasets)
+    data.load_hf()
+    return data
 
 
 def load(cfg: RunConfig) -> tuple[HookedModel, PromptFormat]:
