@@ -187,6 +187,26 @@ def _scores_matrix(
 PROBE_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
+def _probe_data(
+    malicious: Mapping[int, Tensor], benign: Mapping[int, Tensor], layer: int, who: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's probe training data: rows ``[malicious; benign]`` (float64) and labels 1/0,
+    checked (both sides present, non-empty, one d, finite)."""
+    if layer not in malicious or layer not in benign:
+        raise ValueError(f"{who}: no activations for layer {layer}")
+    a = malicious[layer].detach().double().cpu()
+    z = benign[layer].detach().double().cpu()
+    if a.ndim != 2 or z.ndim != 2 or a.shape[1] != z.shape[1] or not len(a) or not len(z):
+        raise ValueError(
+            f"{who}: layer {layer} needs two non-empty [n, d] sets of one d, got "
+            f"{tuple(a.shape)} and {tuple(z.shape)}"
+        )
+    x = torch.cat([a, z]).numpy()
+    if not np.isfinite(x).all():
+        raise ValueError(f"{who}: layer {layer} activations contain NaN or inf")
+    return x, np.r_[np.ones(len(a)), np.zeros(len(z))]
+
+
 @dataclass(frozen=True)
 class GateProbe:
     """A linear gate score per steered layer: ``z_l = h_last·u_l + b_l`` (a logistic-regression
@@ -232,19 +252,7 @@ class GateProbe:
             raise ValueError(f"C (inverse regularisation strength) must be finite and > 0, got {C}")
         us, bs = [], []
         for layer in layers:
-            if layer not in malicious or layer not in benign:
-                raise ValueError(f"GateProbe.fit: no activations for layer {layer}")
-            a = malicious[layer].detach().double().cpu()
-            z = benign[layer].detach().double().cpu()
-            if a.ndim != 2 or z.ndim != 2 or a.shape[1] != z.shape[1] or not len(a) or not len(z):
-                raise ValueError(
-                    f"GateProbe.fit: layer {layer} needs two non-empty [n, d] sets of one d, got "
-                    f"{tuple(a.shape)} and {tuple(z.shape)}"
-                )
-            x = torch.cat([a, z]).numpy()
-            if not np.isfinite(x).all():
-                raise ValueError(f"GateProbe.fit: layer {layer} activations contain NaN or inf")
-            y = np.r_[np.ones(len(a)), np.zeros(len(z))]
+            x, y = _probe_data(malicious, benign, layer, "GateProbe.fit")
             mu, sd = x.mean(0), x.std(0) + 1e-6
             clf = LogisticRegression(C=C, max_iter=5000, class_weight="balanced", random_state=seed)
             clf.fit((x - mu) / sd, y)
@@ -278,19 +286,13 @@ class GateProbe:
             raise ValueError(f"grid must hold finite C > 0, got {list(grid)}")
         rows = []
         for layer in layers:
-            if layer not in malicious or layer not in benign:
-                raise ValueError(f"GateProbe.select_c: no activations for layer {layer}")
-            a, z = malicious[layer].detach().double().cpu(), benign[layer].detach().double().cpu()
-            k = min(len(a), len(z))
-            if folds < 2 or k < folds:
+            x, y = _probe_data(malicious, benign, layer, "GateProbe.select_c")
+            n_mal = int(y.sum())
+            n_ben = len(y) - n_mal
+            if folds < 2 or min(n_mal, n_ben) < folds:
                 raise ValueError(
                     f"GateProbe.select_c: {folds} folds need at least {max(folds, 2)} prompts per "
-                    f"side, layer {layer} has {len(a)} malicious and {len(z)} benign"
-                )
-            x, y = torch.cat([a, z]).numpy(), np.r_[np.ones(len(a)), np.zeros(len(z))]
-            if not np.isfinite(x).all():
-                raise ValueError(
-                    f"GateProbe.select_c: layer {layer} activations contain NaN or inf"
+                    f"side, layer {layer} has {n_mal} malicious and {n_ben} benign"
                 )
             split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
             for c in cs:
