@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer, steering_vectors
+from alphasteer_lens.formats import PromptFormat
 from alphasteer_lens.hookpoints import RESID_PRE, hook_name
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.nullspace import check_activations
@@ -129,25 +130,28 @@ def steered_activations(
     mode: Mode = "real",
     vanilla: Float[Tensor, "n d_model"] | None = None,
     batch_size: int = 16,
+    prompt_format: PromptFormat | str | None = None,
 ) -> Float[Tensor, "n d_model"]:
     """Last-prompt-token activations at ``hook`` under ``steering`` at ``strength``.
 
     ``"real"`` runs the steered forward pass; ``"on_paper"`` returns ``vanilla + s(vanilla)``
-    (``vanilla`` is cached first when not given).
+    (``vanilla`` is cached first when not given). ``prompt_format``: as in
+    :func:`~alphasteer_lens.activations.cache_activations` (None: the model's default).
     """
+    kw: dict[str, Any] = {
+        "batch_size": batch_size,
+        "progress": False,
+        "prompt_format": prompt_format,
+    }
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lam = check_strength(strength)
     if mode == "real":
         with steer(model, steering, lam):
-            acts = cache_activations(
-                model, prompts, hooks=[hook], batch_size=batch_size, progress=False
-            )
+            acts = cache_activations(model, prompts, hooks=[hook], **kw)
         return acts[hook]
     if vanilla is None:
-        vanilla = cache_activations(
-            model, prompts, hooks=[hook], batch_size=batch_size, progress=False
-        )[hook]
+        vanilla = cache_activations(model, prompts, hooks=[hook], **kw)[hook]
     if vanilla.shape[0] != len(prompts):
         raise ValueError(f"vanilla has {vanilla.shape[0]} rows for {len(prompts)} prompts")
     return (vanilla.double() + on_paper_shift(steering, hook, vanilla, lam)).float()
@@ -178,17 +182,40 @@ def _frame(
     )
 
 
+def _strengths(
+    steerings: Mapping[str, Steering],
+    strengths: float | Sequence[float] | Mapping[str, float | Sequence[float]],
+) -> dict[str, list[float]]:
+    """Each method's list of λ (see :func:`pca_points`)."""
+
+    def as_list(v: float | Sequence[float]) -> list[float]:
+        return [float(v)] if isinstance(v, (int, float)) else [float(x) for x in v]
+
+    if isinstance(strengths, Mapping):
+        missing = [m for m in steerings if m not in strengths]
+        if missing:
+            raise ValueError(f"strengths has no λ for methods {missing}")
+        out = {m: as_list(strengths[m]) for m in steerings}
+    else:
+        out = dict.fromkeys(steerings, as_list(strengths))
+    for m, lams in out.items():
+        if not lams:
+            raise ValueError(f"strengths is empty for {m!r}")
+    return out
+
+
 def pca_points(
     model: HookedModel,
     benign: Sequence[str],
     malicious: Sequence[str],
     steerings: Mapping[str, Steering],
-    strengths: float | Sequence[float],
+    strengths: float | Sequence[float] | Mapping[str, float | Sequence[float]],
     *,
     layer: int | None = None,
     hook: str | None = None,
     mode: Mode = "real",
     batch_size: int = 16,
+    prompt_format: PromptFormat | str | None = None,
 ) -> tuple[PCABasis, pd.DataFrame]:
     """Fit the basis on vanilla activations at ``hook`` (default ``blocks.{layer}.hook_resid_pre``)
     and project vanilla and steered benign/malicious activations for every method and strength.
@@ -208,21 +235,18 @@ def pca_points(
         raise ValueError("steerings is empty: pass e.g. {'alphasteer': ..., 'actadd': ...}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    lams = [strengths] if isinstance(strengths, (int, float)) else list(strengths)
-    if not lams:
-        raise ValueError("strengths is empty")
+    per_method = _strengths(steerings, strengths)
     sets = {"benign": list(benign), "malicious": list(malicious)}
+    kw: dict[str, Any] = {"batch_size": batch_size, "prompt_format": prompt_format}
     vanilla = {
-        label: cache_activations(model, ps, hooks=[name], batch_size=batch_size, progress=False)[
-            name
-        ]
+        label: cache_activations(model, ps, hooks=[name], progress=False, **kw)[name]
         for label, ps in sets.items()
     }
     basis = fit_pca(vanilla["benign"], vanilla["malicious"], hook=name)
     z_vanilla = {label: basis.transform(h) for label, h in vanilla.items()}
     frames: list[pd.DataFrame] = []
     for method, st in steerings.items():
-        for lam in lams:
+        for lam in per_method[method]:
             for label, ps in sets.items():
                 frames.append(_frame(z_vanilla[label], ps, label, "vanilla", method, lam, mode))
                 if mode == "on_paper":
@@ -230,9 +254,7 @@ def pca_points(
                         on_paper_shift(st, name, vanilla[label], lam)
                     )
                 else:
-                    h = steered_activations(
-                        model, ps, st, lam, hook=name, mode="real", batch_size=batch_size
-                    )
+                    h = steered_activations(model, ps, st, lam, hook=name, mode="real", **kw)
                     z = basis.transform(h)
                 frames.append(_frame(z, ps, label, "steered", method, lam, mode))
     return basis, pd.concat(frames, ignore_index=True)

@@ -35,7 +35,13 @@ STYLE: dict[tuple[str, str], tuple[str, str, str]] = {
     ("malicious", "vanilla"): ("#fc9272", "diamond-open", "dot"),
     ("malicious", "steered"): ("#a50f15", "diamond", "solid"),
 }
-METHOD_NAMES = {"alphasteer": "AlphaSteer", "actadd": "ActAdd", "ablation": "Ablation"}
+METHOD_NAMES = {
+    "alphasteer": "AlphaSteer",
+    "alphasteer_calibrated": "Calibrated AlphaSteer",
+    "actadd": "ActAdd",
+    "ablation": "Ablation",
+    "cast": "CAST",
+}
 LABELS = {
     "auroc": "AUROC of h·r̂<br>(harmful vs harmless)",
     "harmful_refusal": "harmful refusal rate",
@@ -167,20 +173,24 @@ def pca_figure(
     """Benign vs malicious × vanilla vs steered in one PCA plane, one panel per method (left to
     right in ``methods`` order), with 95% ellipses and marginal densities of PC1 (top) and PC2
     (right). ``points`` is :func:`~alphasteer_lens.pca.pca_points`' DataFrame; ``strength``
-    picks one λ when it holds several. All panels share the same axis ranges."""
+    picks one λ when a method holds several (without it, each method's panel shows its only λ,
+    so methods may be drawn at their own strengths). All panels share the same axis ranges."""
     _need(points, ["method", "strength", "mode", "label", "condition", "pc1", "pc2"], "pca_figure")
     lams = sorted(points.strength.unique())
     if strength is None:
-        if len(lams) != 1:
+        several = points.groupby("method").strength.nunique()
+        if (several > 1).any():
             raise ValueError(f"points hold strengths {lams}; pass strength= to pick one")
-        strength = float(lams[0])
-    data = points[np.isclose(points.strength, strength)]
+        data = points
+    else:
+        data = points[np.isclose(points.strength, strength)]
     if data.empty:
         raise ValueError(f"no points at strength {strength} (have {lams})")
     order = list(methods) if methods is not None else list(dict.fromkeys(data.method))
     unknown = [m for m in order if m not in set(data.method)]
     if unknown:
         raise ValueError(f"methods {unknown} not in points (have {sorted(set(data.method))})")
+    lam_of = {m: float(data[data.method == m].strength.iloc[0]) for m in order}
     n = len(order)
     fig = make_subplots(
         rows=2,
@@ -189,7 +199,8 @@ def pca_figure(
         row_heights=[0.2, 0.8],
         horizontal_spacing=0.02,
         vertical_spacing=0.02,
-        subplot_titles=[t for m in order for t in (_panel_title(m, strength), "")] + [""] * (2 * n),
+        subplot_titles=[t for m in order for t in (_panel_title(m, lam_of[m]), "")]
+        + [""] * (2 * n),
     )
     xr, yr = _range(data.pc1.to_numpy()), _range(data.pc2.to_numpy())
     gx, gy = np.linspace(xr[0], xr[1], 200), np.linspace(yr[0], yr[1], 200)

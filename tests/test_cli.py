@@ -153,7 +153,8 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     capsys,  # type: ignore[no-untyped-def]
 ) -> None:
     toml = tmp_path / "small.toml"
-    toml.write_text(SMALL + "n_harmful_test = 6\nn_benign_test = 6\n")
+    # ε = 0.25: the quick run's 15 calibration prompts give a finite τ (ε = 0.02 needs 49).
+    toml.write_text(SMALL + "n_harmful_test = 6\nn_benign_test = 6\neps = 0.25\n")
     common = ["--model", str(tiny_dir), "--quick", "--data", str(short_data), "--config", str(toml)]
     out = tmp_path / "demo"
     assert main(["demo", *common, "--out", str(out)]) == 0
@@ -173,6 +174,22 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     assert steered == pytest.approx(report["methods"]["alphasteer_calibrated"][
         "benign_steered_fraction"])  # fmt: skip
     assert str(out / "gate_histogram.html") in report["figures"]
+    # The PCA view: calibrated AlphaSteer leaves every benign prompt its gate stays shut for
+    # exactly where it was (the hook adds 0.0), while plain AlphaSteer moves them.
+    assert str(out / "pca_gated.html") in report["figures"]
+    pts = pd.read_csv(out / "pca_points.csv")
+    lam = {m: report["methods"][m]["strength"] for m in ("actadd", "alphasteer")}
+    assert pts.groupby("method").strength.first().to_dict() == {
+        **lam, "alphasteer_calibrated": lam["alphasteer"]}  # fmt: skip
+    shut = set(gates[gates.set.isin(["benign", "sensitive"]) & ~gates.fired_prompt].prompt)
+    benign = pts[(pts.label == "benign") & pts.prompt.isin(shut)].set_index(
+        ["method", "condition", "index"]).sort_index()  # fmt: skip
+    assert len(benign) and gates.fired_prompt.any()  # the gate opens for some prompts
+    for method, moved in (("alphasteer_calibrated", False), ("alphasteer", True)):
+        z = {c: benign.loc[(method, c)][["pc1", "pc2"]].to_numpy() for c in ("vanilla", "steered")}
+        assert (z["vanilla"] != z["steered"]).any() == moved, method
+    shifts = pd.read_csv(out / "pca_shifts.csv")
+    assert set(shifts.method) == {"actadd", "alphasteer", "alphasteer_calibrated"}
 
     capsys.readouterr()
     assert main(["rerun", str(out / "manifest.json")]) == 0

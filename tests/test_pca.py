@@ -174,6 +174,41 @@ def test_pca_points_frame(tiny) -> None:  # type: ignore[no-untyped-def]
     np.testing.assert_allclose(p2.to_numpy(), r2.to_numpy(), atol=1e-4)  # first steered hook
 
 
+def test_pca_points_per_method_strengths_and_prompt_format(tiny) -> None:  # type: ignore[no-untyped-def]
+    """A ``{method: λ}`` mapping gives each method its own strength, and the result equals
+    separate one-method calls; ``prompt_format`` reaches the activations (raw text here, unlike
+    the tiny model's default chat template)."""
+    d = int(tiny.cfg.d_model)
+    v = torch.randn(1, d, generator=torch.Generator().manual_seed(2))
+    steerings = {"actadd": ActAdd((1,), v), "alphasteer": AlphaSteer((1,), 0.1 * v, v)}
+    lams = {"actadd": 1.5, "alphasteer": 3.0}
+    basis, pts = pca_points(tiny, BENIGN, MALICIOUS, steerings, lams, layer=2)
+    assert pts.groupby("method").strength.unique().map(list).to_dict() == {
+        "actadd": [1.5],
+        "alphasteer": [3.0],
+    }
+    for m, lam in lams.items():
+        _, alone = pca_points(tiny, BENIGN, MALICIOUS, {m: steerings[m]}, lam, layer=2)
+        np.testing.assert_allclose(
+            pts[pts.method == m][["pc1", "pc2"]].to_numpy(),
+            alone[["pc1", "pc2"]].to_numpy(),
+            atol=1e-6,
+        )
+    with pytest.raises(ValueError, match=r"no λ for methods \['alphasteer'\]"):
+        pca_points(tiny, BENIGN, MALICIOUS, steerings, {"actadd": 1.0}, layer=2)
+    hook = "blocks.2.hook_resid_pre"
+    raw_basis, raw = pca_points(
+        tiny, BENIGN, MALICIOUS, {"actadd": steerings["actadd"]}, 0.0, layer=2, prompt_format="raw"
+    )
+    hb = cache_activations(tiny, BENIGN, hooks=[hook], prompt_format="raw", progress=False)[hook]
+    chat = cache_activations(tiny, BENIGN, hooks=[hook], progress=False)[hook]
+    assert not torch.allclose(hb, chat)  # the two formats differ on this model
+    got = raw[(raw.label == "benign") & (raw.condition == "vanilla")][["pc1", "pc2"]]
+    np.testing.assert_allclose(got.to_numpy(), raw_basis.transform(hb).numpy(), atol=1e-6)
+    steered = raw[(raw.label == "benign") & (raw.condition == "steered")][["pc1", "pc2"]]
+    np.testing.assert_allclose(steered.to_numpy(), got.to_numpy(), atol=1e-6)  # λ = 0
+
+
 def test_pca_points_rejects_bad_arguments(tiny) -> None:  # type: ignore[no-untyped-def]
     st = {"actadd": ActAdd((1,), torch.ones(1, int(tiny.cfg.d_model)))}
     with pytest.raises(ValueError, match="exactly one"):

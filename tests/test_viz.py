@@ -148,6 +148,20 @@ def test_pca_figure_draws_the_points() -> None:
         pca_figure(pts.drop(columns=["pc2"]), strength=1.0)
 
 
+def test_pca_figure_draws_each_method_at_its_own_strength() -> None:
+    pts = _points()
+    own = pts[((pts.method == "actadd") & (pts.strength == 0.0)) | (
+        (pts.method == "alphasteer") & (pts.strength == 1.0))]  # fmt: skip
+    fig = pca_figure(own, methods=["actadd", "alphasteer"])
+    titles = [a.text for a in fig.layout.annotations]
+    assert "ActAdd, λ = 0" in titles and "AlphaSteer, λ = 1" in titles
+    trace = _scatter(fig, "malicious, steered", "x7")  # AlphaSteer's panel, its λ = 1 points
+    part = own[(own.method == "alphasteer") & (own.label == "malicious")]
+    np.testing.assert_array_equal(trace.x, part[part.condition == "steered"].pc1.to_numpy())
+    with pytest.raises(ValueError, match="pass strength="):
+        pca_figure(pts)  # a method with two strengths still needs strength=
+
+
 def test_figures_are_identical_across_builds() -> None:
     builds = [
         (

@@ -20,9 +20,11 @@ fit), ``benign`` (MT-Bench) and ``sensitive`` (the sensitive-but-safe test parts
 also report the share of each column they steer at all.
 
 Outputs: ``alphasteer.safetensors`` (as soon as the fit finishes; λ added once chosen),
-``report.json``, ``summary.md``, ``generations.csv`` (one row per method, set and prompt) and
-``manifest.json``. ``resume=True`` reuses a saved artifact (and λ, if chosen) instead of
-refitting.
+``report.json``, ``summary.md``, ``generations.csv`` (one row per method, set and prompt),
+``gates.csv`` and ``gate_histogram`` (the calibrated gate per test prompt and layer), the PCA view
+``pca_gated`` (ActAdd, AlphaSteer and calibrated AlphaSteer) with ``pca_points.csv`` and
+``pca_shifts.csv``, and ``manifest.json``. ``resume=True`` reuses a saved artifact (and λ, if
+chosen) instead of refitting.
 """
 
 from __future__ import annotations
@@ -62,10 +64,11 @@ from alphasteer_lens.jailbreaks import (
 )
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import model_name
+from alphasteer_lens.pca import centroid_shifts, pca_points
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.steering import ActAdd
 from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
-from alphasteer_lens.viz import save_figure
+from alphasteer_lens.viz import pca_figure, save_figure
 
 ARTIFACT = "alphasteer.safetensors"
 
@@ -86,7 +89,8 @@ class DemoConfig(RunConfig):
         ``gate``: what the gate reads, ``"probe"`` (a logistic probe of the fit sides, inverse
         regularisation ``probe_c``: a number, or ``"cv"`` to choose it by cross-validated
         log-loss on the fit sides alone, :meth:`GateProbe.select_c`) or ``"score"``
-        (AlphaSteer's ``h·w``).
+        (AlphaSteer's ``h·w``). ``n_pca_per_column``: prompts of each test column in the PCA
+        view ``pca_gated`` (0: no view).
     """
 
     n_harmful_test: int | None = None
@@ -100,6 +104,7 @@ class DemoConfig(RunConfig):
     margin: float = 0.25
     gate: Literal["probe", "score"] = "probe"
     probe_c: float | Literal["cv"] = "cv"
+    n_pca_per_column: int = 40
 
     QUICK: ClassVar[dict[str, Any]] = {
         "strengths": (0.5, 1.0),
@@ -116,6 +121,8 @@ class DemoConfig(RunConfig):
         super().__post_init__()
         if self.probe_c != "cv" and not 0 < float(self.probe_c) < float("inf"):
             raise ConfigError(f"probe_c must be 'cv' or a finite number > 0, got {self.probe_c!r}")
+        if self.n_pca_per_column < 0:
+            raise ConfigError(f"n_pca_per_column must be ≥ 0, got {self.n_pca_per_column}")
 
     @classmethod
     def quick_config(cls, seed: int = 0) -> DemoConfig:
@@ -381,6 +388,9 @@ def run_demo(
         "alphasteer": (steer_a, lam_a),
         "alphasteer_calibrated": (gated, lam_a),
     }
+    if cfg.n_pca_per_column:
+        pca_methods = {m: methods[m] for m in ("actadd", "alphasteer", "alphasteer_calibrated")}
+        figures += _pca_view(model, columns, pca_methods, layers[-1], cfg, fmt, out)
     results: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     vanilla: dict[str, list[str]] = {}
@@ -458,6 +468,41 @@ def run_demo(
     atomic_write_bytes(pd.DataFrame(rows).to_csv(index=False).encode(), out / "generations.csv")
     atomic_write_bytes(summary_markdown(report).encode(), out / "summary.md")
     return report
+
+
+def _pca_view(
+    model: Any,
+    columns: dict[str, PromptSet],
+    steered: dict[str, tuple[Any, float]],
+    layer: int,
+    cfg: DemoConfig,
+    fmt: Any,
+    out: Path,
+) -> list[str]:
+    """AlphaSteer's PCA figure with the calibrated gate beside it: held-out benign (MT-Bench and
+    sensitive-but-safe) vs harmful (plain and jailbreak-wrapped) last-token activations at
+    ``layer``, vanilla vs steered, each method at its own λ. Writes ``pca_points.csv``,
+    ``pca_shifts.csv`` (centroid shifts) and ``pca_gated.html``/``.png``; returns the figures."""
+
+    def pick(*names: str) -> list[str]:
+        n = cfg.n_pca_per_column
+        return [p for c in names for p in columns[c].sample(min(n, len(columns[c])), seed=cfg.seed)]
+
+    basis, points = pca_points(
+        model, pick("benign", "sensitive"), pick("harmful", "jailbreak"),
+        {m: st for m, (st, _) in steered.items()}, {m: lam for m, (_, lam) in steered.items()},
+        layer=layer, batch_size=cfg.batch_size, prompt_format=fmt,
+    )  # fmt: skip
+    for name, df in (("pca_points", points), ("pca_shifts", centroid_shifts(points))):
+        atomic_write_bytes(
+            df.to_csv(index=False, float_format="%.6g").encode(), out / f"{name}.csv"
+        )
+    fig = pca_figure(
+        points, basis=basis, methods=list(steered),
+        title=f"Held-out prompts at {basis.hook}: benign = MT-Bench + sensitive-but-safe, "
+        "malicious = HarmBench plain + jailbreak-wrapped",
+    )  # fmt: skip
+    return [str(p) for p in save_figure(fig, out / "pca_gated")]
 
 
 _GATE_WORDS = {"probe": "a logistic probe's logit", "score": "AlphaSteer's score h·w"}

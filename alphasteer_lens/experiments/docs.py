@@ -12,7 +12,8 @@ from its report; without ``--write`` it lists stale blocks and exits 1 (the test
 check). Kinds: ``demo`` (methods table), ``compare`` (trade-off table), ``scans`` (refusal rate
 per condition and prompt set), ``scans_classifier`` (the transition classifier on each test),
 ``scans_anchoring`` (the vocabulary-projection segments), ``audit`` (refusal and margin per
-vector and condition).
+vector and condition), ``search_recheck`` (the search's re-checked points in four columns) and
+``search_pareto`` (its Pareto front).
 """
 
 from __future__ import annotations
@@ -119,6 +120,31 @@ def audit_table(report: dict[str, Any]) -> str:
     return markdown_table(df[[c for c in AUDIT_COLUMNS if c in df.columns]])
 
 
+SEARCH_COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
+PARETO_COLUMNS = (
+    "number", "start", "width", "strength", "ratio", "alpha", "gate", "eps", "probe_c",
+    "harmful_refusal", "benign_kl", "benign_refusal", "benign_steered_frac",
+)  # fmt: skip
+
+
+def search_recheck_table(report: dict[str, Any]) -> str:
+    """The search's re-check by greedy generation: the four columns, the share of benign
+    answers unchanged and the realised gate rates (``fires_*``), one row per method."""
+    df = pd.DataFrame(report["recheck"])
+    cols = ["method", "strength"] + [f"{c}_refusal" for c in SEARCH_COLUMNS]
+    cols += ["benign_unchanged", "sensitive_unchanged"]
+    cols += [c for c in df.columns if c.startswith("fires_")]
+    return markdown_table(df[[c for c in cols if c in df.columns]], index=False)
+
+
+def search_pareto_table(report: dict[str, Any]) -> str:
+    """The search's Pareto front (validation objectives), highest harmful refusal first."""
+    df = pd.DataFrame(report["pareto"])
+    if df.empty:
+        return "(empty Pareto front)"
+    return markdown_table(df[[c for c in PARETO_COLUMNS if c in df.columns]], index=False)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "audit": audit_table,
     "demo": demo_table,
@@ -126,6 +152,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "scans": scans_table,
     "scans_classifier": scans_classifier_table,
     "scans_anchoring": scans_anchoring_table,
+    "search_recheck": search_recheck_table,
+    "search_pareto": search_pareto_table,
 }
 
 

@@ -37,9 +37,11 @@ import torch
 
 from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.experiments.config import ConfigError, RunConfig
+from alphasteer_lens.experiments.docs import SEARCH_COLUMNS as COLUMNS
+from alphasteer_lens.experiments.docs import search_pareto_table, search_recheck_table
 from alphasteer_lens.experiments.layers import candidate_layers
 from alphasteer_lens.experiments.recipe import load, preflight, splits
-from alphasteer_lens.experiments.report import Clock, markdown_table, peak_rss_mib
+from alphasteer_lens.experiments.report import Clock, peak_rss_mib
 from alphasteer_lens.gates import (
     CalibratedAlphaSteer,
     Cast,
@@ -71,8 +73,6 @@ from alphasteer_lens.search import (
     trials_frame,
 )
 from alphasteer_lens.steering import ActAdd
-
-COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
 
 
 @dataclass(frozen=True)
@@ -445,9 +445,6 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
 
 
 def summary_markdown(report: dict[str, Any], recheck: pd.DataFrame, front: pd.DataFrame) -> str:
-    cols = ["method", "strength"] + [f"{c}_refusal" for c in COLUMNS]
-    cols += [c for c in ("benign_unchanged", "sensitive_unchanged") if c in recheck]
-    cols += [c for c in recheck.columns if c.startswith("fires_")]
     lines = [
         "# AlphaSteer search",
         "",
@@ -455,7 +452,7 @@ def summary_markdown(report: dict[str, Any], recheck: pd.DataFrame, front: pd.Da
         "",
         "## Re-check by greedy generation (keyword judge), four columns",
         "",
-        markdown_table(recheck[[c for c in cols if c in recheck]], index=False),
+        search_recheck_table(report),
         "",
         "harmful = HarmBench held out; jailbreak = the same requests wrapped by held-out families "
         f"({', '.join(report['config']['test_families'])}); benign = MT-Bench; "
@@ -464,11 +461,8 @@ def summary_markdown(report: dict[str, Any], recheck: pd.DataFrame, front: pd.Da
         "",
         "## Pareto front (validation, first-token)",
         "",
+        search_pareto_table(report),
     ]
-    keep = ["number", "start", "width", "strength", "ratio", "alpha", "gate", "eps", "probe_c",
-            "harmful_refusal", "benign_kl", "benign_refusal", "benign_steered_frac"]  # fmt: skip
-    if not front.empty:
-        lines.append(markdown_table(front[[c for c in keep if c in front]], index=False))
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     t = report["timings_s"]
