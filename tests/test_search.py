@@ -140,3 +140,43 @@ def test_search_pipeline_end_to_end_on_the_tiny_model(tiny, tmp_path, monkeypatc
         assert f"{col}_refusal" in report["recheck"][0]
     assert (tmp_path / "study.db").exists() and (tmp_path / "pareto.html").exists()
     assert (tmp_path / "summary.md").read_text().count("|") > 10
+    # The top point as demo settings, which the demo's config loader accepts as they are.
+    from alphasteer_lens.experiments.config import build_config
+    from alphasteer_lens.experiments.demo import DemoConfig
+
+    demo = build_config(DemoConfig, toml=tmp_path / "demo.toml")
+    assert report["demo_settings"]["strengths"] == [demo.strengths[0]]
+    chosen = next(r for r in report["recheck"] if r["method"].startswith("search#"))
+    start, width = int(chosen["info_start"]), int(chosen["info_width"])
+    assert demo.layers == tuple(x for x in range(start, start + width) if x <= 3)  # layer_max 3
+    assert (demo.ratio, demo.alpha) == pytest.approx((chosen["info_ratio"], chosen["info_alpha"]))
+
+
+def test_demo_settings_of_a_searched_point() -> None:
+    from alphasteer_lens.experiments.config import build_config, read_toml
+    from alphasteer_lens.experiments.demo import DemoConfig
+    from alphasteer_lens.experiments.search_pipeline import demo_settings, toml_text
+
+    probe = TrialParams(start=14, width=6, strength=1.25, ratio=0.4, alpha=3e-05, gate="probe",
+                        eps=0.05, margin=0.25, probe_c=0.1)  # fmt: skip
+    got = demo_settings(probe, layer_max=18)
+    assert got == {"layers": [14, 15, 16, 17, 18], "strengths": [1.25], "ratio": 0.4,
+                   "alpha": 3e-05, "gate": "probe", "eps": 0.05, "margin": 0.25,
+                   "probe_c": 0.1}  # fmt: skip
+    score = demo_settings(TrialParams(3, 2, 0.5, 0.5, 10.0, gate="calibrated", eps=0.02), 9)
+    assert score["gate"] == "score" and "probe_c" not in score
+    plain = demo_settings(TrialParams(3, 2, 0.5, 0.5, 10.0), 9)
+    assert set(plain) == {"layers", "strengths", "ratio", "alpha"}  # the demo keeps its gate
+    text = toml_text(got, ["from trial 7"])
+    assert text.startswith("# from trial 7\n")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "demo.toml"
+        path.write_text(text)
+        assert read_toml(path) == got
+        cfg = build_config(DemoConfig, toml=path)
+        assert cfg.layers == (14, 15, 16, 17, 18) and cfg.probe_c == 0.1 and cfg.alpha == 3e-05
+    with pytest.raises(ValueError, match="cannot write x"):
+        toml_text({"x": float("nan")}, [])

@@ -73,6 +73,7 @@ from alphasteer_lens.search import (
     trials_frame,
 )
 from alphasteer_lens.steering import ActAdd
+from alphasteer_lens.storage import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,37 @@ def choose_points(front: pd.DataFrame, top_k: int, kl_budget: float) -> pd.DataF
     return pool.sort_values("harmful_refusal", ascending=False).head(top_k)
 
 
+def demo_settings(params: TrialParams, layer_max: int) -> dict[str, Any]:
+    """The ``alphasteer-lens demo`` settings of one searched point: its layers (clipped at the
+    searched range's top), its λ as the only strength (the demo's validation sweep then keeps
+    it), null-space ratio, α and gate: ``probe`` keeps C, ``calibrated`` is the demo's
+    ``score`` gate, and a gated point gives its ε and margin. A point without a gate leaves the
+    demo's default gate for its calibrated row. The demo refits on its own splits, so its run
+    re-validates the point on data the search never saw."""
+    out: dict[str, Any] = {
+        "layers": list(params.layers(layer_max)),
+        "strengths": [params.strength],
+        "ratio": params.ratio,
+        "alpha": params.alpha,
+    }
+    if params.gate in ("probe", "calibrated"):
+        out["gate"] = "probe" if params.gate == "probe" else "score"
+        out |= {"eps": params.eps, "margin": params.margin}
+        if params.gate == "probe":
+            out["probe_c"] = params.probe_c
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def toml_text(settings: Mapping[str, Any], comments: list[str]) -> str:
+    """``settings`` (numbers, strings, booleans and lists of them) as a TOML file."""
+    lines = [f"# {c}" for c in comments]
+    for key, value in settings.items():
+        if not isinstance(value, (int, float, str, list)) or value != value:
+            raise ValueError(f"cannot write {key} = {value!r} to TOML")
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
 def _nearest_strength(
     model: Any, steering: Any, prompts: list[str], target: float, strengths: tuple[float, ...],
     data: SearchData,
@@ -305,7 +337,8 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
     """Run the search pipeline and write to ``out_dir``: ``study.db`` (resumable: a second run
     into the same folder adds ``n_trials`` trials to the study), ``trials.csv``, ``pareto.csv``,
     ``pareto.html``/``.png``, ``gates.csv``, ``gate_histogram.html``/``.png``, ``recheck.csv``,
-    ``report.json`` and ``summary.md``. ``data``: the CLI's preflight data resolver (made here
+    ``demo.toml`` (the top point as demo settings, :func:`demo_settings`), ``report.json`` and
+    ``summary.md``. ``data``: the CLI's preflight data resolver (made here
     when None). Returns the report."""
     from alphasteer_lens.viz import save_figure
 
@@ -418,6 +451,16 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
         gdf.to_csv(out / "gates.csv", index=False)
         figures += [str(p) for p in save_figure(gate_histogram(gdf), out / "gate_histogram")]
     clock.lap("recheck")
+    demo = None
+    if len(chosen):
+        top = TrialParams.from_dict(chosen.iloc[0].to_dict(), margin=cfg.margin)
+        demo = demo_settings(top, space.layer_max)
+        comments = [
+            f"alphasteer-lens demo --config {out / 'demo.toml'}: the search's top point "
+            f"(trial {int(chosen.iloc[0]['number'])}, gate {top.gate}), refitted and "
+            "re-validated on the demo's own splits"
+        ]
+        atomic_write_bytes(toml_text(demo, comments).encode(), out / "demo.toml")
     report = {
         "config": cfg.to_dict(),
         "space": space.__dict__,
@@ -433,6 +476,7 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
         },  # fmt: skip
         "pareto": json.loads(front.to_json(orient="records")),
         "recheck": json.loads(recheck.to_json(orient="records")),
+        "demo_settings": demo,
         "notes": list(sets.notes),
         "figures": figures,
         "timings_s": {**clock.steps, "total": clock.total()},
@@ -470,4 +514,12 @@ def summary_markdown(report: dict[str, Any], recheck: pd.DataFrame, front: pd.Da
     return "\n".join(lines)
 
 
-__all__ = ["COLUMNS", "SearchConfig", "choose_points", "run_search", "search_sets"]
+__all__ = [
+    "COLUMNS",
+    "SearchConfig",
+    "choose_points",
+    "demo_settings",
+    "run_search",
+    "search_sets",
+    "toml_text",
+]
