@@ -138,6 +138,41 @@ def test_help_and_no_arguments(capsys) -> None:  # type: ignore[no-untyped-def]
         assert flag in help_text
 
 
+def test_splits_leave_out_prompts_longer_than_the_context(
+    tiny_dir: Path, short_data: Path, tmp_path: Path
+) -> None:
+    """On a small-context model (256 positions) every split drops the prompts that do not fit
+    with ``max_new_tokens`` to spare, says so in the data notes, and keeps every other prompt;
+    a split left empty is a one-line ConfigError."""
+    from alphasteer_lens.experiments import recipe as R
+    from alphasteer_lens.experiments.config import ConfigError
+    from alphasteer_lens.experiments.data import Data
+    from alphasteer_lens.experiments.demo import DemoConfig
+
+    root = tmp_path / "data"
+    root.mkdir()
+    long_prompt = "Summarise this passage:" + " the river bends and turns" * 80
+    for f in short_data.glob("*.json"):
+        prompts = json.loads(f.read_text())
+        (root / f.name).write_text(json.dumps([*prompts, long_prompt] if f.stem in (
+            "builtin_benign", "harmbench", "mt_bench") else prompts))  # fmt: skip
+    cfg = DemoConfig(model=str(tiny_dir), max_new_tokens=4)
+    model, fmt = R.load(cfg)
+    plain = R.splits(Data(root), cfg)
+    data = Data(root)
+    fitted = R.splits(data, cfg, model=model, fmt=fmt)
+    for name, ps in plain.sets().items():
+        expected = [p for p in ps if p != long_prompt]
+        assert list(fitted.sets()[name]) == expected, name
+    assert any(long_prompt in ps for ps in plain.sets().values())
+    assert len(data.notes) >= 2
+    assert all("longer than the context (256) left out" in n for n in data.notes)
+    for f in ("harmbench", "do_not_answer"):
+        (root / f"{f}.json").write_text(json.dumps([f"{i}. {long_prompt}" for i in range(40)]))
+    with pytest.raises(ConfigError, match="no harmful_train prompt fits the model's context"):
+        R.splits(Data(root), cfg, model=model, fmt=fmt)
+
+
 def test_report_differences(tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"x": [1, {"y": 2}], "n": float("nan"), "config": {"out": "a"}}))

@@ -220,7 +220,7 @@ def run_compare(
     clock = Clock()
     model, fmt = R.load(cfg)
     clock.lap("load_model")
-    sp = R.splits(data, cfg)
+    sp = R.splits(data, cfg, model=model, fmt=fmt)
     sets = eval_sets(cfg, data, sp.harmful_test)
     record = sp.sets()
     write_manifest(

@@ -198,33 +198,15 @@ def robust_sets(data: Data, sp: R.Splits, cfg: DemoConfig) -> RobustSets:
     )
 
 
-def within_context(
-    model: Any, ps: PromptSet | None, fmt: Any, room: int
-) -> tuple[PromptSet | None, str | None]:
-    """``ps`` without the prompts whose tokens leave fewer than ``room`` positions of the model's
-    context (long jailbreak templates on small-context models), and a note saying so."""
-    from alphasteer_lens.chat import encode_texts
-
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if ps is None or not isinstance(n_ctx, int):
-        return ps, None
-    _, ids = encode_texts(model, list(ps), fmt)
-    kept = [p for p, row in zip(ps, ids, strict=True) if len(row) + room <= n_ctx]
-    if len(kept) == len(ps):
-        return ps, None
-    note = f"{ps.name}: {len(ps) - len(kept)} prompts longer than the context ({n_ctx}) left out"
-    return (ps._derive(kept) if kept else None), note
-
-
 def fit_context(rs: RobustSets, model: Any, fmt: Any, room: int) -> RobustSets:
     """:func:`within_context` applied to every robust set; an emptied test column is an error."""
     notes = list(rs.notes)
     out: dict[str, PromptSet | None] = {}
     for name in ("fit_malicious", "fit_benign", "calibration", "jailbreak_test", "sensitive_test"):
-        out[name], note = within_context(model, getattr(rs, name), fmt, room)
+        out[name], note = R.within_context(model, getattr(rs, name), fmt, room)
         notes += [note] if note else []
         if out[name] is None and name != "fit_malicious":
-            raise ValueError(f"no {name} prompt fits the model's context")
+            raise ConfigError(f"no {name} prompt fits the model's context")
     return RobustSets(notes=tuple(notes), **out)  # type: ignore[arg-type]
 
 
@@ -263,7 +245,10 @@ def run_demo(
     refusal_ids = RefusalTokens.from_tokenizer(model.tokenizer).ids
     clock.lap("load_model")
 
-    sp = R.splits(data, cfg, n_harmful_test=cfg.n_harmful_test, n_benign_test=cfg.n_benign_test)
+    sp = R.splits(
+        data, cfg, n_harmful_test=cfg.n_harmful_test, n_benign_test=cfg.n_benign_test,
+        model=model, fmt=fmt,
+    )  # fmt: skip
     rs = fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
     sets = sp.sets() | {
         "fit_sensitive": rs.fit_benign,

@@ -143,7 +143,7 @@ def make_figures(
         fmt = default_format(model.tokenizer)
     R.library_format(fmt, model)  # the sweeps and PCA read the model's default format
     n_layers = int(model.cfg.n_layers)
-    sp = R.splits(data, cfg)
+    sp = R.splits(data, cfg, model=model, fmt=fmt)
     sp = dataclasses.replace(sp, benign_train=_sample(sp.benign_train, cfg.n_benign_fit, cfg.seed))
     bs = cfg.batch_size
     files: list[Path] = []

@@ -137,15 +137,38 @@ class Splits:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def within_context(
+    model: HookedModel, ps: PromptSet | None, fmt: PromptFormat, room: int
+) -> tuple[PromptSet | None, str | None]:
+    """``ps`` without the prompts whose tokens leave fewer than ``room`` positions of the model's
+    context (long jailbreak templates or pasted passages on small-context models), and a note
+    saying so; None when no prompt fits."""
+    from alphasteer_lens.chat import encode_texts
+
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if ps is None or not isinstance(n_ctx, int):
+        return ps, None
+    _, ids = encode_texts(model, list(ps), fmt)
+    kept = [p for p, row in zip(ps, ids, strict=True) if len(row) + room <= n_ctx]
+    if len(kept) == len(ps):
+        return ps, None
+    note = f"{ps.name}: {len(ps) - len(kept)} prompts longer than the context ({n_ctx}) left out"
+    return (ps._derive(kept) if kept else None), note
+
+
 def splits(
     data: Data,
     cfg: RunConfig,
     *,
     n_harmful_test: int | None = None,
     n_benign_test: int | None = None,
+    model: HookedModel | None = None,
+    fmt: PromptFormat | None = None,
 ) -> Splits:
     """The standard splits; validation sets capped at ``cfg.n_val``, test sets optionally
-    sampled."""
+    sampled. Given the model and prompt format, prompts that leave fewer than
+    ``cfg.max_new_tokens`` positions of its context are left out of every split (a note in
+    ``data.notes`` each); a split left empty is a :class:`ConfigError`."""
     seed, n_val, parts = cfg.seed, cfg.n_val, (1 - cfg.val_fraction, cfg.val_fraction)
     benign_train, benign_val = data.prompts("builtin_benign").split(parts, seed=seed)
     dna = data.prompts("do_not_answer").deduplicated()
@@ -160,7 +183,7 @@ def splits(
     def cap(ps: PromptSet, n: int | None) -> PromptSet:
         return ps if n is None or n >= len(ps) else ps.sample(n, seed=seed)
 
-    return Splits(
+    sp = Splits(
         benign_train=benign_train,
         benign_val=cap(benign_val, n_val),
         harmful_train=harmful_train,
@@ -168,6 +191,16 @@ def splits(
         harmful_test=cap(harmful_test, n_harmful_test),
         benign_test=cap(benign_test, n_benign_test),
     )
+    if model is None or fmt is None:
+        return sp
+    kept: dict[str, PromptSet] = {}
+    for name, ps in sp.sets().items():
+        fitted, note = within_context(model, ps, fmt, cfg.max_new_tokens)
+        if fitted is None:
+            raise ConfigError(f"no {name} prompt fits the model's context ({model.cfg.n_ctx})")
+        kept[name] = fitted
+        data.notes.extend([note] if note else [])
+    return Splits(**kept)
 
 
 # --- the fit --------------------------------------------------------------------------------

@@ -168,8 +168,9 @@ class SearchSets:
     calibration_groups: tuple[str, ...] = ()
 
 
-def search_sets(cfg: SearchConfig, data: Any) -> SearchSets:
-    """Every prompt split of the run (see the module docstring)."""
+def search_sets(cfg: SearchConfig, data: Any, model: Any = None, fmt: Any = None) -> SearchSets:
+    """Every prompt split of the run (see the module docstring); given the model, the recipe's
+    splits leave out prompts longer than its context (:func:`~.recipe.splits`)."""
     seed = cfg.seed
     notes: list[str] = []
     limit = cfg.max_prompt_chars
@@ -195,7 +196,7 @@ def search_sets(cfg: SearchConfig, data: Any) -> SearchSets:
     both = set(cfg.fit_families) & set(cfg.test_families)
     if both:
         raise ConfigError(f"families {sorted(both)} are both fit and test families")
-    sp = splits(data, cfg)
+    sp = splits(data, cfg, model=model, fmt=fmt)
     b_fit, b_cal, b_val, b_test = data.prompts("builtin_benign").split(
         (0.6, 0.2, 0.1, 0.1), seed=seed
     )
@@ -349,7 +350,7 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
     data_src = data if data is not None else preflight(cfg)
     model, fmt = load(cfg)
     clock.lap("load_model")
-    sets = search_sets(cfg, data_src)
+    sets = search_sets(cfg, data_src, model, fmt)
     space = _space(cfg, int(model.cfg.n_layers))
     clock.lap("load_data")
     d_model = int(model.cfg.d_model)
