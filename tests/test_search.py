@@ -139,6 +139,11 @@ def test_search_pipeline_end_to_end_on_the_tiny_model(tiny, tmp_path, monkeypatc
     for col in sp.COLUMNS:
         assert f"{col}_refusal" in report["recheck"][0]
     assert (tmp_path / "study.db").exists() and (tmp_path / "pareto.html").exists()
+    import json
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["command"] == "search" and manifest["layers"]["searched"] == [1, 2, 3]
+    assert manifest["data"]["calibration"]["n"] == report["sizes"]["calibration"]
     assert (tmp_path / "summary.md").read_text().count("|") > 10
     # The top point as demo settings, which the demo's config loader accepts as they are.
     from alphasteer_lens.experiments.config import build_config

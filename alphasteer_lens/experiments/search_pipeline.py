@@ -40,7 +40,8 @@ from alphasteer_lens.experiments.config import ConfigError, RunConfig
 from alphasteer_lens.experiments.docs import SEARCH_COLUMNS as COLUMNS
 from alphasteer_lens.experiments.docs import search_pareto_table, search_recheck_table
 from alphasteer_lens.experiments.layers import candidate_layers
-from alphasteer_lens.experiments.recipe import load, preflight, splits
+from alphasteer_lens.experiments.manifest import write_manifest
+from alphasteer_lens.experiments.recipe import load, preflight, splits, threads
 from alphasteer_lens.experiments.report import Clock, peak_rss_mib
 from alphasteer_lens.gates import (
     CalibratedAlphaSteer,
@@ -338,8 +339,8 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
     """Run the search pipeline and write to ``out_dir``: ``study.db`` (resumable: a second run
     into the same folder adds ``n_trials`` trials to the study), ``trials.csv``, ``pareto.csv``,
     ``pareto.html``/``.png``, ``gates.csv``, ``gate_histogram.html``/``.png``, ``recheck.csv``,
-    ``demo.toml`` (the top point as demo settings, :func:`demo_settings`), ``report.json`` and
-    ``summary.md``. ``data``: the CLI's preflight data resolver (made here
+    ``demo.toml`` (the top point as demo settings, :func:`demo_settings`), ``report.json``,
+    ``summary.md`` and ``manifest.json``. ``data``: the CLI's preflight data resolver (made here
     when None). Returns the report."""
     from alphasteer_lens.viz import save_figure
 
@@ -352,6 +353,15 @@ def run_search(cfg: SearchConfig, out_dir: str | Path, *, data: Any = None) -> d
     clock.lap("load_model")
     sets = search_sets(cfg, data_src, model, fmt)
     space = _space(cfg, int(model.cfg.n_layers))
+    sets_record = {
+        "fit_benign": sets.fit_benign, "fit_malicious": sets.fit_malicious,
+        "calibration": sets.calibration, "val_harmful": sets.val_harmful,
+        "val_benign": sets.val_benign, **{f"test_{k}": v for k, v in sets.test.items()},
+    }  # fmt: skip
+    write_manifest(
+        out, "search", cfg, model=model, layers={"searched": list(space.layers)},
+        data=sets_record, notes=[*getattr(data_src, "notes", []), *sets.notes], threads=threads(),
+    )  # fmt: skip
     clock.lap("load_data")
     d_model = int(model.cfg.d_model)
     data = prepare_search_data(
