@@ -376,6 +376,7 @@ def run_demo(
     if cfg.n_pca_per_column:
         pca_methods = {m: methods[m] for m in ("actadd", "alphasteer", "alphasteer_calibrated")}
         figures += _pca_view(model, columns, pca_methods, layers[-1], cfg, fmt, out)
+        clock.lap("pca_view")
     results: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     vanilla: dict[str, list[str]] = {}
