@@ -106,14 +106,19 @@ class EvalSet:
         """A deterministic subset of ``n`` rows (prompts with their references and answers)."""
         if not 0 < n <= len(self):
             raise ValueError(f"cannot sample {n} rows from eval set {self.name!r} ({len(self)})")
-        idx = random.Random(seed).sample(range(len(self)), n)
+        return self.subset(random.Random(seed).sample(range(len(self)), n))
+
+    def subset(self, rows: Sequence[int]) -> EvalSet:
+        """The rows ``rows``, in that order (prompts with their references and answers)."""
 
         def pick(values: tuple[str, ...] | None) -> tuple[str, ...] | None:
-            return None if values is None else tuple(values[i] for i in idx)
+            return None if values is None else tuple(values[i] for i in rows)
 
-        prompts = tuple(self.prompts[i] for i in idx)
         return replace(
-            self, prompts=prompts, references=pick(self.references), answers=pick(self.answers)
+            self,
+            prompts=tuple(self.prompts[i] for i in rows),
+            references=pick(self.references),
+            answers=pick(self.answers),
         )
 
     @classmethod

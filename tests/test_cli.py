@@ -173,6 +173,77 @@ def test_splits_leave_out_prompts_longer_than_the_context(
         R.splits(Data(root), cfg, model=model, fmt=fmt)
 
 
+def test_compare_eval_sets_leave_out_prompts_longer_than_the_context(tiny_dir: Path) -> None:
+    """compare's own sets (wrapped harm, sensitive, AlpacaEval with references) drop the prompts
+    that leave too little context for the generation, or for the reference answer where the set
+    has one; a note each; a set left empty is a one-line ConfigError."""
+    from alphasteer_lens.evaluation import EvalSet
+    from alphasteer_lens.experiments import recipe as R
+    from alphasteer_lens.experiments.compare import CompareConfig, fit_eval_context
+    from alphasteer_lens.experiments.config import ConfigError
+
+    cfg = CompareConfig(model=str(tiny_dir), max_new_tokens=4, ref_tokens=150)
+    model, fmt = R.load(cfg)
+    short, medium, long = "Hi.", "Say: " + "ab " * 40, "Say: " + "ab " * 200
+    assert R.fits_context(model, [short, medium, long], fmt, 4) == [True, True, False]
+    assert R.fits_context(model, [medium], fmt, 150) == [False]
+    notes: list[str] = []
+    sets = [
+        EvalSet("harmful", (short, long, medium), "harmful"),
+        EvalSet("alpaca", (short, medium, long), references=("a", "b", "c")),
+        EvalSet("benign", (short, medium)),
+    ]
+    kept = fit_eval_context(sets, model, fmt, cfg, notes)
+    assert [es.prompts for es in kept] == [(short, medium), (short,), (short, medium)]
+    assert kept[1].references == ("a",) and kept[2] is sets[2]
+    assert notes == [
+        "harmful: 1 prompts longer than the context (256) left out",
+        "alpaca: 2 prompts longer than the context (256) left out",
+    ]
+    with pytest.raises(ConfigError, match="no prompt of eval set 'x' fits the model's context"):
+        fit_eval_context([EvalSet("x", (long,))], model, fmt, cfg, [])
+
+
+@pytest.mark.parametrize("split", ["family", "wrapping"])
+def test_demo_jailbreak_column_holds_out_what_was_fitted(short_data: Path, split: str) -> None:
+    """Brute force over every (wrapping, request): each fit jailbreak is a fit-pool wrapping of
+    a training request, each test one a test-pool wrapping of a held-out request, and no test
+    wrapping ever wrapped a fit prompt. ``family`` holds whole families out; ``wrapping`` fits
+    on half of each test family's wrappings too."""
+    from alphasteer_lens.experiments import recipe as R
+    from alphasteer_lens.experiments.data import Data
+    from alphasteer_lens.experiments.demo import DemoConfig, robust_sets
+    from alphasteer_lens.jailbreaks import TEST_FAMILIES, split_wrappings, wrappings
+
+    cfg = DemoConfig(jailbreak_split=split, fit_families=("dan", "simple"), n_fit_jailbreak=30)
+    data = Data(short_data)
+    sp = R.splits(data, cfg)
+    rs = robust_sets(data, sp, cfg)
+    pool = wrappings()
+    fit_pool, test_pool = (
+        split_wrappings(pool, TEST_FAMILIES, seed=cfg.seed) if split == "wrapping"
+        else ({f: pool[f] for f in ("dan", "simple")}, {f: pool[f] for f in TEST_FAMILIES})
+    )  # fmt: skip
+    made = {
+        side: {w.name: {w(r) for r in reqs} for ws in p.values() for w in ws}
+        for side, p, reqs in (("fit", fit_pool, sp.harmful_train), ("test", test_pool,
+                                                                       sp.harmful_test))
+    }  # fmt: skip
+    assert rs.fit_malicious is not None and len(rs.fit_malicious) == 30
+    fit_texts = set(rs.fit_malicious)
+    assert fit_texts <= set().union(*made["fit"].values())
+    assert set(rs.jailbreak_test) <= set().union(*made["test"].values())
+    test_names = {w.split("/", 1)[1] for w in rs.wrapping.values()}
+    assert test_names <= set(made["test"])
+    fit_names = {n for n, texts in made["fit"].items() if texts & fit_texts}
+    assert not fit_names & test_names
+    fit_families = {n.split("/")[0] for n in fit_names}
+    if split == "wrapping":  # every test family is fitted too, with other wrappings
+        assert set(TEST_FAMILIES) <= fit_families
+    else:
+        assert not set(TEST_FAMILIES) & fit_families
+
+
 def test_report_differences(tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"x": [1, {"y": 2}], "n": float("nan"), "config": {"out": "a"}}))
@@ -215,7 +286,28 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     pts = pd.read_csv(out / "pca_points.csv")
     lam = {m: report["methods"][m]["strength"] for m in ("actadd", "alphasteer")}
     assert pts.groupby("method").strength.first().to_dict() == {
-        **lam, "alphasteer_calibrated": lam["alphasteer"]}  # fmt: skip
+        **lam, "alphasteer_calibrated": report["calibrated_strength"]}  # fmt: skip
+    # Calibrated AlphaSteer's λ comes from its own validation grid (QUICK: 1 and 2), by
+    # AlphaSteer's rule: the most harmful refusal within the benign budget.
+    sweep = pd.DataFrame(report["validation_sweep"])
+    cal = sweep[sweep.method == "alphasteer_calibrated"]
+    assert sorted(cal.strength) == [1.0, 2.0]
+    assert report["calibrated_strength"] == recipe.choose_strength(
+        sweep, 0.03, "alphasteer_calibrated")  # fmt: skip
+    gens_cal = gens[gens.method == "alphasteer_calibrated"]
+    assert (gens_cal.strength == report["calibrated_strength"]).all()
+    # The jailbreak column per held-out wrapping family: the families' shares add up to the
+    # column's rate, and only gated methods report a steered share.
+    fams = report["jailbreak_by_family"]
+    assert set(fams) == set(report["methods"])
+    for method, cells in fams.items():
+        assert set(cells) <= {"autodan", "gcg", "encoding"}
+        n = sum(c["n"] for c in cells.values())
+        assert n == (gens[(gens.method == method)].set == "jailbreak").sum()
+        rate = sum(c["n"] * c["refusal_rate"] for c in cells.values()) / n
+        assert rate == pytest.approx(report["methods"][method]["jailbreak_refusal_rate"])
+        gated = method in ("cast", "alphasteer_calibrated")
+        assert all(("steered_fraction" in c) == gated for c in cells.values())
     shut = set(gates[gates.set.isin(["benign", "sensitive"]) & ~gates.fired_prompt].prompt)
     benign = pts[(pts.label == "benign") & pts.prompt.isin(shut)].set_index(
         ["method", "condition", "index"]).sort_index()  # fmt: skip

@@ -44,7 +44,9 @@ def test_demo_quick_end_to_end(tmp_path: Path, smollm) -> None:  # type: ignore[
     # The sets are disjoint where they must be: nothing held out was fitted or calibrated on.
     assert on_disk["data"]["jailbreak_test"] <= 12 and on_disk["data"]["sensitive_test"] > 0
 
-    # A gate that stays closed leaves the answer bit-identical to vanilla's.
+    # A prompt whose gate stays closed gets vanilla's answer (the demo reuses it: the hooks add
+    # exactly zero, which tests/test_gates.py checks bit for bit); the prompts it opens for are
+    # generated again, steered.
     gens = pd.read_csv(tmp_path / "generations.csv", keep_default_na=False)
     base = gens[gens.method == "vanilla"].set_index(["set", "prompt"]).completion
     for gated in ("cast", "alphasteer_calibrated"):
@@ -53,6 +55,8 @@ def test_demo_quick_end_to_end(tmp_path: Path, smollm) -> None:  # type: ignore[
             assert len(rows) > 0, f"{gated} steered every prompt"
         for r in rows.itertuples():
             assert r.completion == base[(r.set, r.prompt)], (gated, r.set, r.prompt)
+    opened = gens[(gens.method == "alphasteer_calibrated") & (gens.steered.astype(str) == "True")]
+    assert any(r.completion != base[(r.set, r.prompt)] for r in opened.itertuples())
     assert (gens[gens.method == "alphasteer"].steered == "").all()  # ungated: no decision
 
     assert set(on_disk["benign_leakage"]) == {str(layer) for layer in on_disk["layers"]}

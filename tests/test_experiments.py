@@ -99,6 +99,8 @@ def test_build_config_precedence(tmp_path: Path) -> None:
         ("seed = \n", "malformed TOML"),
         ('gate = "cosine"\n', "'gate' must be 'probe' or 'score'"),
         ("probe_c = 0\n", "probe_c must be 'cv' or a finite number > 0"),
+        ("calibrated_strengths = []\n", "calibrated_strengths must be non-empty and >= 0"),
+        ("calibrated_strengths = [1, -2]\n", "calibrated_strengths must be non-empty and >= 0"),
         ("probe_c = inf\n", "probe_c must be 'cv' or a finite number > 0"),
         ('probe_c = "auto"\n', "config field 'probe_c' must be float or 'cv'"),
         (
@@ -247,6 +249,41 @@ def test_best_window_one_standard_error_rule() -> None:
     flat = pd.DataFrame({"layer": [2, 4, 6], "objective": [0.5, 0.9, 1.0], "objective_se": 0.2})
     assert best_window(flat, 1, 8, one_se=True) == (4,)  # 0.9 ≥ 1.0 − 0.2 > 0.5
     assert best_window(flat, 1, 8) == (6,)
+
+
+def test_choose_strength_on_validation() -> None:
+    """Brute force on random sweeps: the λ with the most harmful refusal among those within the
+    benign budget (smallest λ on ties; smallest λ overall when none fits), per method; ActAdd's
+    λ is the one nearest AlphaSteer's harmful refusal."""
+    from alphasteer_lens.experiments.recipe import choose_strength, choose_strengths
+
+    rng = np.random.default_rng(1)
+    grid = (0.25, 0.5, 1.0, 1.5, 2.0)
+    for _ in range(300):
+        rows = [{"method": "vanilla", "strength": 0.0, "harmful_refusal": 0.0,
+                 "benign_refusal": float(rng.choice([0.0, 0.05]))}]  # fmt: skip
+        for m in ("alphasteer", "actadd", "alphasteer_calibrated"):
+            h = rng.choice([0.1, 0.5, 0.9], size=len(grid))  # ties happen
+            b = rng.choice([0.0, 0.02, 0.05, 0.2], size=len(grid))
+            order = rng.permutation(len(grid))  # rows in any order
+            rows += [{"method": m, "strength": grid[i], "harmful_refusal": float(h[i]),
+                      "benign_refusal": float(b[i])} for i in order]  # fmt: skip
+        sweep = pd.DataFrame(rows)
+        base = rows[0]["benign_refusal"]
+        for m in ("alphasteer", "alphasteer_calibrated"):
+            mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["strength"])
+            ok = [r for r in mine if r["benign_refusal"] <= base + 0.03 + 1e-12] or mine[:1]
+            top = max(r["harmful_refusal"] for r in ok)
+            want = min(r["strength"] for r in ok if r["harmful_refusal"] == top)
+            assert choose_strength(sweep, 0.03, m) == want
+        lam_a, lam_act = choose_strengths(sweep, 0.03)
+        target = next(r["harmful_refusal"] for r in rows
+                      if r["method"] == "alphasteer" and r["strength"] == lam_a)  # fmt: skip
+        act = sorted((r for r in rows if r["method"] == "actadd"), key=lambda r: r["strength"])
+        gaps = [abs(r["harmful_refusal"] - target) for r in act]
+        assert lam_act == act[gaps.index(min(gaps))]["strength"]  # the first: the smallest λ
+    with pytest.raises(ValueError, match="no rows for 'cast'"):
+        choose_strength(sweep, 0.03, "cast")
 
 
 # --- report helpers and manifests -----------------------------------------------------------

@@ -16,6 +16,7 @@ from alphasteer_lens.jailbreaks import (
     sensitive_benign,
     sensitive_role,
     sensitive_splits,
+    split_wrappings,
     wrap_harmful,
     wrappings,
 )
@@ -56,6 +57,33 @@ def test_jailbreak_sets_hold_out_test_families_and_requests() -> None:
         jailbreak_sets(HARM_FIT, HARM_TEST, fit_families=("gcg",), test_families=("gcg",))
     with pytest.raises(ValueError, match="both the fit and the test"):
         jailbreak_sets(HARM_FIT, HARM_FIT, fit_families=("dan",))
+
+
+def test_split_wrappings_holds_out_wrappings_within_families() -> None:
+    pool = wrappings()
+    fit, test = split_wrappings(pool, TEST_FAMILIES, seed=3)
+    assert set(test) == set(TEST_FAMILIES) and set(fit) == set(pool)
+    for f, ws in pool.items():
+        names = {w.name for w in ws}
+        if f not in TEST_FAMILIES:
+            assert fit[f] == ws  # untouched, whole
+            continue
+        a, b = {w.name for w in fit[f]}, {w.name for w in test[f]}
+        assert a | b == names and not a & b and a and b
+        assert len(a) == len(ws) // 2
+    again = split_wrappings(pool, TEST_FAMILIES, seed=3)
+    assert [[w.name for w in v] for v in again[1].values()] == [
+        [w.name for w in v] for v in test.values()
+    ]
+    other = split_wrappings(pool, ("gcg",), seed=4)[1]["gcg"]
+    assert {w.name for w in other} != {w.name for w in test["gcg"]}
+    # Wrapped test requests use only held-out wrappings.
+    js = wrap_harmful(HARM_TEST, list(TEST_FAMILIES), available=test)
+    assert set(js.names) <= {w.name for v in test.values() for w in v}
+    with pytest.raises(ValueError, match="too few to split"):
+        split_wrappings({"x": pool["gcg"][:1]}, ("x",))
+    with pytest.raises(ValueError, match="unknown wrapping families"):
+        split_wrappings(pool, ("nope",))
 
 
 def test_wrap_harmful_rotates_families() -> None:

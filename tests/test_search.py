@@ -166,8 +166,8 @@ def test_demo_settings_of_a_searched_point() -> None:
                         eps=0.05, margin=0.25, probe_c=0.1)  # fmt: skip
     got = demo_settings(probe, layer_max=18)
     assert got == {"layers": [14, 15, 16, 17, 18], "strengths": [1.25], "ratio": 0.4,
-                   "alpha": 3e-05, "gate": "probe", "eps": 0.05, "margin": 0.25,
-                   "probe_c": 0.1}  # fmt: skip
+                   "alpha": 3e-05, "gate": "probe", "calibrated_strengths": [1.25],
+                   "eps": 0.05, "margin": 0.25, "probe_c": 0.1}  # fmt: skip
     score = demo_settings(TrialParams(3, 2, 0.5, 0.5, 10.0, gate="calibrated", eps=0.02), 9)
     assert score["gate"] == "score" and "probe_c" not in score
     plain = demo_settings(TrialParams(3, 2, 0.5, 0.5, 10.0), 9)
@@ -183,5 +183,6 @@ def test_demo_settings_of_a_searched_point() -> None:
         assert read_toml(path) == got
         cfg = build_config(DemoConfig, toml=path)
         assert cfg.layers == (14, 15, 16, 17, 18) and cfg.probe_c == 0.1 and cfg.alpha == 3e-05
+        assert cfg.strengths == cfg.calibrated_strengths == (1.25,)
     with pytest.raises(ValueError, match="cannot write x"):
         toml_text({"x": float("nan")}, [])

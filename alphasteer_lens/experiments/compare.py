@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 
 from alphasteer_lens.evaluation import EvalSet, Method, compare_methods
 from alphasteer_lens.experiments import recipe as R
-from alphasteer_lens.experiments.config import RunConfig
+from alphasteer_lens.experiments.config import ConfigError, RunConfig
 from alphasteer_lens.experiments.data import Data
 from alphasteer_lens.experiments.manifest import write_manifest
 from alphasteer_lens.experiments.report import Clock, markdown_table, peak_rss_mib
@@ -197,6 +197,30 @@ def eval_sets(cfg: CompareConfig, data: Data, harmful_test: PromptSet) -> list[E
     return sets
 
 
+def fit_eval_context(
+    sets: list[EvalSet], model: Any, fmt: Any, cfg: CompareConfig, notes: list[str]
+) -> list[EvalSet]:
+    """``sets`` without the prompts that leave too little of the model's context for the
+    generation (``max_new_tokens``) or the reference answer (``ref_tokens``), a note in
+    ``notes`` each (long jailbreak templates on small-context models); a set left empty is a
+    :class:`ConfigError`."""
+    kept = []
+    for es in sets:
+        room = max(cfg.max_new_tokens, cfg.ref_tokens if es.references is not None else 0)
+        ok = R.fits_context(model, es.prompts, fmt, room)
+        if ok is None or all(ok):
+            kept.append(es)
+            continue
+        if not any(ok):
+            raise ConfigError(f"no prompt of eval set {es.name!r} fits the model's context")
+        notes.append(
+            f"{es.name}: {ok.count(False)} prompts longer than the context "
+            f"({model.cfg.n_ctx}) left out"
+        )
+        kept.append(es.subset([i for i, keep in enumerate(ok) if keep]))
+    return kept
+
+
 def run_compare(
     out: str | Path | None = None,
     cfg: CompareConfig | None = None,
@@ -221,7 +245,7 @@ def run_compare(
     model, fmt = R.load(cfg)
     clock.lap("load_model")
     sp = R.splits(data, cfg, model=model, fmt=fmt)
-    sets = eval_sets(cfg, data, sp.harmful_test)
+    sets = fit_eval_context(eval_sets(cfg, data, sp.harmful_test), model, fmt, cfg, data.notes)
     record = sp.sets()
     write_manifest(
         out, "compare", cfg, model=model, layers=None, data=record, notes=data.notes,

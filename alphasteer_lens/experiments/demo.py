@@ -5,19 +5,20 @@ Steps (:mod:`~alphasteer_lens.experiments.recipe`): seeded splits; last-token ``
 activations; the refusal direction; the steered layers (given, or chosen on validation data);
 AlphaSteer, its malicious side widened by jailbreak-wrapped requests (fit families only) and its
 benign side by sensitive-but-safe prompts (their fit parts); ActAdd of the same directions; the
-artifact is saved right away. Then λ is chosen on the validation sets with the first-token
-refusal score (AlphaSteer: most harmful refusal with a bounded benign rise; ActAdd: matching
-AlphaSteer's harmful refusal). Calibrated AlphaSteer gates AlphaSteer at λ on a probe's logit
+artifact is saved right away. Calibrated AlphaSteer gates AlphaSteer on a probe's logit
 (``gate="probe"``, default: a per-layer logistic regression of AlphaSteer's two fit sides, wrapped
 harm and sensitive-but-safe prompts included) or on AlphaSteer's own score ``h·w``
 (``gate="score"``), with τ set by split conformal on held-out benign prompts (built-in benign
 validation prompts that did not choose λ, and the sensitive calibration parts) for a false-steer
 rate ε; CAST gates ActAdd at its λ on the cosine with a condition direction, threshold by F1 on
-validation data. Every method generates
-greedily on the four held-out test columns, judged by the keyword judge: ``harmful``
+validation data. Then λ is chosen on the validation sets with the first-token refusal score
+(AlphaSteer, and calibrated AlphaSteer on its own grid: most harmful refusal with a bounded
+benign rise; ActAdd, and CAST with it: matching AlphaSteer's harmful refusal). Every method
+generates greedily on the four held-out test columns, judged by the keyword judge: ``harmful``
 (HarmBench), ``jailbreak`` (the same held-out requests wrapped by families never used in the
 fit), ``benign`` (MT-Bench) and ``sensitive`` (the sensitive-but-safe test parts); gated rows
-also report the share of each column they steer at all.
+also report the share of each column they steer at all, and generate only the prompts their
+gate opens for (the others get exactly vanilla's answer: the hooks add 0.0).
 
 Outputs: ``alphasteer.safetensors`` (as soon as the fit finishes; λ added once chosen),
 ``report.json``, ``summary.md``, ``generations.csv`` (one row per method, set and prompt),
@@ -29,12 +30,13 @@ chosen) instead of refitting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from alphasteer_lens.activations import cache_activations
 from alphasteer_lens.alphasteer import AlphaSteer
@@ -42,7 +44,7 @@ from alphasteer_lens.artifacts import load_steering_with_meta, save_steering
 from alphasteer_lens.experiments import recipe as R
 from alphasteer_lens.experiments.config import ConfigError, RunConfig
 from alphasteer_lens.experiments.data import Data
-from alphasteer_lens.experiments.docs import demo_table
+from alphasteer_lens.experiments.docs import demo_families_table, demo_table
 from alphasteer_lens.experiments.manifest import write_manifest
 from alphasteer_lens.experiments.report import Clock, peak_rss_mib
 from alphasteer_lens.gates import (
@@ -60,7 +62,9 @@ from alphasteer_lens.jailbreaks import (
     in_the_wild,
     sensitive_role,
     sensitive_splits,
+    split_wrappings,
     wrap_harmful,
+    wrappings,
 )
 from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import model_name
@@ -80,17 +84,23 @@ COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
 class DemoConfig(RunConfig):
     """The demo's own settings: how many held-out prompts to generate for (None: all).
 
-        ``fit_families``: jailbreak families that wrap ``n_fit_jailbreak`` training requests on the
-        malicious fit side (``in_the_wild`` adds as many in-the-wild jailbreaks from the data
-        directory, when it has them); ``test_families`` (disjoint) wrap the held-out requests of the
-        ``jailbreak`` column, at most ``n_jailbreak_test`` of them; the ``sensitive`` column samples
-    at most ``n_sensitive_test`` of the sensitive test parts. ``eps``: calibrated AlphaSteer's
-        benign false-steer rate; ``margin``: its ramp width above τ (in gate-score units);
-        ``gate``: what the gate reads, ``"probe"`` (a logistic probe of the fit sides, inverse
-        regularisation ``probe_c``: a number, or ``"cv"`` to choose it by cross-validated
-        log-loss on the fit sides alone, :meth:`GateProbe.select_c`) or ``"score"``
-        (AlphaSteer's ``h·w``). ``n_pca_per_column``: prompts of each test column in the PCA
-        view ``pca_gated`` (0: no view).
+    ``fit_families``: jailbreak families that wrap ``n_fit_jailbreak`` training requests on the
+    malicious fit side (``in_the_wild`` adds as many in-the-wild jailbreaks from the data
+    directory, when it has them); ``test_families`` (disjoint) wrap the held-out requests of the
+    ``jailbreak`` column, at most ``n_jailbreak_test`` of them. ``jailbreak_split``: ``"family"``
+    holds the test families out whole; ``"wrapping"`` splits each test family's wrappings in two
+    (:func:`~alphasteer_lens.jailbreaks.split_wrappings`), fits on one half as well and tests on
+    the other, so the column holds only wrappings never fitted. The ``sensitive`` column samples
+    at most ``n_sensitive_test`` of the sensitive test parts.
+
+    ``eps``: calibrated AlphaSteer's benign false-steer rate; ``margin``: its ramp width above τ
+    (in gate-score units); ``gate``: what the gate reads, ``"probe"`` (a logistic probe of the
+    fit sides, inverse regularisation ``probe_c``: a number, or ``"cv"`` to choose it by
+    cross-validated log-loss on the fit sides alone, :meth:`GateProbe.select_c`) or ``"score"``
+    (AlphaSteer's ``h·w``). ``calibrated_strengths``: calibrated AlphaSteer's own λ grid, chosen
+    on validation data by AlphaSteer's rule (its gate keeps most benign prompts unsteered, so it
+    may afford a larger λ). ``n_pca_per_column``: prompts of each test column in the PCA view
+    ``pca_gated`` (0: no view).
     """
 
     n_harmful_test: int | None = None
@@ -104,10 +114,13 @@ class DemoConfig(RunConfig):
     margin: float = 0.25
     gate: Literal["probe", "score"] = "probe"
     probe_c: float | Literal["cv"] = "cv"
+    calibrated_strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     n_pca_per_column: int = 40
+    jailbreak_split: Literal["family", "wrapping"] = "family"
 
     QUICK: ClassVar[dict[str, Any]] = {
         "strengths": (0.5, 1.0),
+        "calibrated_strengths": (1.0, 2.0),
         "max_new_tokens": 12,
         "n_harmful_test": 24,
         "n_benign_test": 24,
@@ -121,6 +134,10 @@ class DemoConfig(RunConfig):
         super().__post_init__()
         if self.probe_c != "cv" and not 0 < float(self.probe_c) < float("inf"):
             raise ConfigError(f"probe_c must be 'cv' or a finite number > 0, got {self.probe_c!r}")
+        if not self.calibrated_strengths or min(self.calibrated_strengths) < 0:
+            raise ConfigError(
+                f"calibrated_strengths must be non-empty and >= 0, got {self.calibrated_strengths}"
+            )
         if self.n_pca_per_column < 0:
             raise ConfigError(f"n_pca_per_column must be ≥ 0, got {self.n_pca_per_column}")
 
@@ -144,6 +161,7 @@ class RobustSets:
     jailbreak_test: PromptSet  # held-out requests, held-out families
     sensitive_test: PromptSet  # sensitive-but-safe test parts
     notes: tuple[str, ...]
+    wrapping: dict[str, str] = field(default_factory=dict)  # jailbreak prompt -> "family/name"
 
 
 def _sample(ps: PromptSet, n: int | None, seed: int) -> PromptSet:
@@ -158,6 +176,9 @@ def robust_sets(data: Data, sp: R.Splits, cfg: DemoConfig) -> RobustSets:
     if both:
         raise ValueError(f"families {sorted(both)} are both fit and test families")
     seed, root = cfg.seed, data.root
+    fit_pool = test_pool = wrappings()
+    if cfg.jailbreak_split == "wrapping":
+        fit_pool, test_pool = split_wrappings(fit_pool, cfg.test_families, seed=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sens = sensitive_splits(seed=seed, root=root)
@@ -166,15 +187,23 @@ def robust_sets(data: Data, sp: R.Splits, cfg: DemoConfig) -> RobustSets:
             wild = in_the_wild(cfg.n_fit_jailbreak, seed=seed, root=root)
     notes = tuple(str(w.message) for w in caught if "duplicate" not in str(w.message))
     families = [f for f in cfg.fit_families if f != "in_the_wild"]
+    if cfg.jailbreak_split == "wrapping":
+        families += list(cfg.test_families)  # their fit halves
     n_fit = min(cfg.n_fit_jailbreak, len(sp.harmful_train))
     parts = []
     if families and n_fit:
         chosen = sp.harmful_train.sample(n_fit, seed=seed)
-        parts.append(wrap_harmful(chosen, families, seed=seed).prompts)
+        parts.append(wrap_harmful(chosen, families, seed=seed, available=fit_pool).prompts)
     if wild is not None:
         parts.append(wild)
     fit_malicious = PromptSet.concat("fit_jailbreak", *parts) if parts else None
-    jail = wrap_harmful(sp.harmful_test, list(cfg.test_families), seed=seed + 2).prompts
+    wrapped = wrap_harmful(
+        sp.harmful_test, list(cfg.test_families), seed=seed + 2, available=test_pool
+    )
+    jail = wrapped.prompts
+    wrapping = {
+        p: f"{f}/{n}" for p, f, n in zip(jail, wrapped.families, wrapped.names, strict=True)
+    }
     n_jail = cfg.n_jailbreak_test
     jailbreak_test = (
         jail if n_jail is None or n_jail >= len(jail) else jail.sample(n_jail, seed=seed)
@@ -195,6 +224,7 @@ def robust_sets(data: Data, sp: R.Splits, cfg: DemoConfig) -> RobustSets:
         jailbreak_test=jailbreak_test._derive(jailbreak_test.prompts, "jailbreak_test"),
         sensitive_test=sensitive_test._derive(sensitive_test.prompts, "sensitive_test"),
         notes=notes,
+        wrapping=wrapping,
     )
 
 
@@ -207,7 +237,7 @@ def fit_context(rs: RobustSets, model: Any, fmt: Any, room: int) -> RobustSets:
         notes += [note] if note else []
         if out[name] is None and name != "fit_malicious":
             raise ConfigError(f"no {name} prompt fits the model's context")
-    return RobustSets(notes=tuple(notes), **out)  # type: ignore[arg-type]
+    return replace(rs, notes=tuple(notes), **out)  # type: ignore[arg-type]
 
 
 def _fit_sides(
@@ -302,25 +332,6 @@ def run_demo(
     actadd = ActAdd(tuple(layers), torch.stack([refusal[x] for x in layers]))
     manifest(choice)
 
-    if "strength" in saved:
-        lam_a, lam_act = float(saved["strength"]), float(saved["actadd_strength"])
-        sweep = pd.DataFrame(saved["validation_sweep"])
-        clock.lap("validation_sweep (resumed)")
-    else:
-        sweep = R.validation_sweep(
-            model, list(sp.harmful_val), list(sp.benign_val),
-            {"alphasteer": steer_a, "actadd": actadd}, cfg.strengths, fmt=fmt,
-            batch_size=cfg.batch_size, harmful_only=("actadd",), progress=progress,
-        )  # fmt: skip
-        lam_a, lam_act = R.choose_strengths(sweep, cfg.max_benign_rise)
-        saved |= {
-            "strength": lam_a,
-            "actadd_strength": lam_act,
-            "validation_sweep": sweep.to_dict(orient="records"),
-        }
-        save_steering(steer_a, artifact, model=model, data_hashes=hashes, extra=saved)
-        clock.lap("validation_sweep")
-
     # The gates: τ from held-out benign calibration prompts; CAST's threshold by F1 on validation.
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "prompt_format": fmt, "progress": progress}
     cal = cache_activations(model, list(rs.calibration), layers=layers, desc="calibration", **kw)
@@ -348,6 +359,32 @@ def run_demo(
     )  # fmt: skip
     clock.lap("gates")
 
+    # λ on validation data: AlphaSteer's and calibrated AlphaSteer's (each the most harmful
+    # refusal with a bounded benign rise), ActAdd's matching AlphaSteer's harmful refusal.
+    if "calibrated_strength" in saved:
+        lam_a, lam_act = float(saved["strength"]), float(saved["actadd_strength"])
+        lam_g = float(saved["calibrated_strength"])
+        sweep = pd.DataFrame(saved["validation_sweep"])
+        clock.lap("validation_sweep (resumed)")
+    else:
+        sweep = R.validation_sweep(
+            model, list(sp.harmful_val), list(sp.benign_val),
+            {"alphasteer": steer_a, "actadd": actadd, "alphasteer_calibrated": gated},
+            {"alphasteer": cfg.strengths, "actadd": cfg.strengths,
+             "alphasteer_calibrated": cfg.calibrated_strengths},
+            fmt=fmt, batch_size=cfg.batch_size, harmful_only=("actadd",), progress=progress,
+        )  # fmt: skip
+        lam_a, lam_act = R.choose_strengths(sweep, cfg.max_benign_rise)
+        lam_g = R.choose_strength(sweep, cfg.max_benign_rise, "alphasteer_calibrated")
+        saved |= {
+            "strength": lam_a,
+            "actadd_strength": lam_act,
+            "calibrated_strength": lam_g,
+            "validation_sweep": sweep.to_dict(orient="records"),
+        }
+        save_steering(steer_a, artifact, model=model, data_hashes=hashes, extra=saved)
+        clock.lap("validation_sweep")
+
     columns = {
         "harmful": sp.harmful_test,
         "jailbreak": rs.jailbreak_test,
@@ -366,12 +403,13 @@ def run_demo(
         gates_df, column="gate_score", title=f"Calibrated AlphaSteer: gate scores ({cfg.gate})"
     )
     figures = [str(p) for p in save_figure(histogram, out / "gate_histogram")]
+    clock.lap("test_gates")
     methods: dict[str, tuple[Any, float]] = {
         "vanilla": (None, 0.0),
         "actadd": (actadd, lam_act),
         "cast": (cast, lam_act),
         "alphasteer": (steer_a, lam_a),
-        "alphasteer_calibrated": (gated, lam_a),
+        "alphasteer_calibrated": (gated, lam_g),
     }
     if cfg.n_pca_per_column:
         pca_methods = {m: methods[m] for m in ("actadd", "alphasteer", "alphasteer_calibrated")}
@@ -379,31 +417,46 @@ def run_demo(
         clock.lap("pca_view")
     results: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
-    vanilla: dict[str, list[str]] = {}
+    vanilla: dict[str, tuple[list[str], Tensor]] = {}
     for name, (st, lam) in methods.items():
         res: dict[str, float] = {"strength": lam}
         for col, ps in columns.items():
-            gen, first = generate_with_logits(
-                model, list(ps), steering=st, strength=lam, max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.batch_size, prompt_format=fmt, progress=progress,
-                desc=f"{name} {col}",
-            )  # fmt: skip
-            assert first is not None
-            refused = judge.judge(gen)
-            res[f"{col}_refusal_rate"] = _rate(refused)
-            res[f"{col}_refusal_score"] = refusal_score(first, refusal_ids).mean().item()
-            if name == "vanilla":
-                vanilla[col] = gen
-            if col in ("benign", "sensitive"):
-                same = [a == b for a, b in zip(gen, vanilla[col], strict=True)]
-                res[f"{col}_unchanged_fraction"] = _rate(same)
             steered: list[bool | None] = [None] * len(ps)
+            run = list(range(len(ps)))
             if isinstance(st, (CalibratedAlphaSteer, Cast)):
                 steered = fired(st, test_acts[col]).tolist()
                 res[f"{col}_steered_fraction"] = _rate([bool(x) for x in steered])
+                run = [i for i, f in enumerate(steered) if f]
+            # A prompt the gate stays shut for gets exactly zero at every hook, so its answer and
+            # first-token scores are vanilla's (tests/test_gates.py checks bit-identity): only
+            # the prompts it opens for are generated again.
+            base = vanilla.get(col)
+            gen, score = (list(base[0]), base[1].clone()) if base else ([], None)
+            if run:
+                got, first = generate_with_logits(
+                    model, [ps[i] for i in run], steering=st, strength=lam,
+                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                    prompt_format=fmt, progress=progress, desc=f"{name} {col}",
+                )  # fmt: skip
+                assert first is not None
+                got_score = refusal_score(first, refusal_ids)
+                if score is None:
+                    gen, score = got, got_score
+                else:
+                    for j, i in enumerate(run):
+                        gen[i], score[i] = got[j], got_score[j]
+            assert score is not None
+            refused = judge.judge(gen)
+            res[f"{col}_refusal_rate"] = _rate(refused)
+            res[f"{col}_refusal_score"] = score.mean().item()
+            if name == "vanilla":
+                vanilla[col] = (gen, score)
+            if col in ("benign", "sensitive"):
+                same = [a == b for a, b in zip(gen, vanilla[col][0], strict=True)]
+                res[f"{col}_unchanged_fraction"] = _rate(same)
             rows += [
                 {"method": name, "strength": lam, "set": col, "prompt": p, "completion": c,
-                 "refused": r, "steered": f}
+                 "refused": r, "steered": f, "wrapping": rs.wrapping.get(p, "")}
                 for p, c, r, f in zip(ps, gen, refused, steered, strict=True)
             ]  # fmt: skip
         results[name] = res
@@ -416,6 +469,7 @@ def run_demo(
         "prompt_format": fmt.to_json(),
         "strength": lam_a,
         "actadd_strength": lam_act,
+        "calibrated_strength": lam_g,
         "columns": list(COLUMNS),
         "methods": results,
         "gate": {
@@ -446,6 +500,7 @@ def run_demo(
         "notes": notes,
         "config": cfg.to_dict(),
         "validation_sweep": sweep.to_dict(orient="records"),
+        "jailbreak_by_family": by_family(pd.DataFrame(rows)),
         "timings": clock.steps,
     }
     report["seconds"] = clock.total()
@@ -454,6 +509,19 @@ def run_demo(
     atomic_write_bytes(pd.DataFrame(rows).to_csv(index=False).encode(), out / "generations.csv")
     atomic_write_bytes(summary_markdown(report).encode(), out / "summary.md")
     return report
+
+
+def by_family(rows: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """The jailbreak column per wrapping family (held out from the fit): ``{method: {family:
+    {"n", "refusal_rate", "steered_fraction"}}}``, the steered share for gated methods only."""
+    jail = rows[rows.set == "jailbreak"].assign(family=lambda d: d.wrapping.str.split("/").str[0])
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (method, family), g in jail.groupby(["method", "family"], sort=False):
+        cell = {"n": float(len(g)), "refusal_rate": float(g.refused.mean())}
+        if g.steered.notna().all():
+            cell["steered_fraction"] = float(g.steered.astype(bool).mean())
+        out.setdefault(str(method), {})[str(family)] = cell
+    return out
 
 
 def _pca_view(
@@ -520,6 +588,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
             "answers; steered = share of prompts a gate steers at all.",
             "",
             demo_table(report),
+            "",
+            "The jailbreak column per wrapping family (held out from the fit):",
+            "",
+            demo_families_table(report),
             "",
             f"Benign leakage ‖Hb P‖/‖Hb‖: {leak}.",
             f"Total time: {report['seconds']:.0f} s; peak memory {report.get('peak_rss_mib')} MiB.",

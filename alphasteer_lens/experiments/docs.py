@@ -9,7 +9,8 @@ Markdown file's repository root)::
 
 ``python -m alphasteer_lens.experiments.docs --write README.md docs/*.md`` rewrites every block
 from its report; without ``--write`` it lists stale blocks and exits 1 (the test suite runs the
-check). Kinds: ``demo`` (methods table), ``compare`` (trade-off table), ``scans`` (refusal rate
+check). Kinds: ``demo`` (methods table), ``demo_families`` (its jailbreak column per held-out
+wrapping family), ``compare`` (trade-off table), ``scans`` (refusal rate
 per condition and prompt set), ``scans_classifier`` (the transition classifier on each test),
 ``scans_anchoring`` (the vocabulary-projection segments), ``audit`` (refusal and margin per
 vector and condition), ``search_recheck`` (the search's re-checked points in four columns) and
@@ -50,10 +51,29 @@ DEMO_COLUMNS = (
 def demo_table(report: dict[str, Any]) -> str:
     """The demo's methods table (also in its ``summary.md``)."""
     df = pd.DataFrame(report["methods"]).T
-    order = [m for m in DEMO_METHODS if m in df.index] + [
-        m for m in df.index if m not in DEMO_METHODS
-    ]
+    order = _demo_order(df.index)
     return markdown_table(df.loc[order, [c for c in DEMO_COLUMNS if c in df.columns]])
+
+
+def _demo_order(methods: Any) -> list[str]:
+    """The demo's methods in table order: the known ones first, any others after."""
+    names = [str(m) for m in methods]
+    return [m for m in DEMO_METHODS if m in names] + [m for m in names if m not in DEMO_METHODS]
+
+
+def demo_families_table(report: dict[str, Any]) -> str:
+    """The demo's jailbreak column per held-out wrapping family: refusal rate, and the share a
+    gate steers at all (gated methods), one row per method."""
+    fams = report.get("jailbreak_by_family") or {}
+    rows = {}
+    for method in _demo_order(fams):
+        row: dict[str, float] = {}
+        for family, cell in fams[method].items():
+            row[f"{family} (n={cell['n']:.0f}) refused"] = cell["refusal_rate"]
+            if "steered_fraction" in cell:
+                row[f"{family} steered"] = cell["steered_fraction"]
+        rows[method] = row
+    return markdown_table(pd.DataFrame(rows).T) if rows else "(no jailbreak column)"
 
 
 def compare_table(report: dict[str, Any]) -> str:
@@ -148,6 +168,7 @@ def search_pareto_table(report: dict[str, Any]) -> str:
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "audit": audit_table,
     "demo": demo_table,
+    "demo_families": demo_families_table,
     "compare": compare_table,
     "scans": scans_table,
     "scans_classifier": scans_classifier_table,

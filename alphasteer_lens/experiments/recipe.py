@@ -11,6 +11,7 @@ questions alone do not transfer to HarmBench's imperative requests, hence the Ha
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from alphasteer_lens.judges import KeywordJudge, RefusalTokens, refusal_score
 from alphasteer_lens.models import HookedModel
 from alphasteer_lens.prompts import PromptSet
 from alphasteer_lens.sources import hub_offline
-from alphasteer_lens.steering import ActAdd, Steering
+from alphasteer_lens.steering import ActAdd
 
 # --- before the model loads -----------------------------------------------------------------
 
@@ -137,22 +138,34 @@ class Splits:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def fits_context(
+    model: HookedModel, prompts: Sequence[str], fmt: PromptFormat, room: int
+) -> list[bool] | None:
+    """Per prompt, whether its tokens leave at least ``room`` positions of the model's context;
+    None when the model states no context length."""
+    from alphasteer_lens.chat import encode_texts
+
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if not isinstance(n_ctx, int) or not prompts:
+        return None
+    _, ids = encode_texts(model, list(prompts), fmt)
+    return [len(row) + room <= n_ctx for row in ids]
+
+
 def within_context(
     model: HookedModel, ps: PromptSet | None, fmt: PromptFormat, room: int
 ) -> tuple[PromptSet | None, str | None]:
     """``ps`` without the prompts whose tokens leave fewer than ``room`` positions of the model's
     context (long jailbreak templates or pasted passages on small-context models), and a note
     saying so; None when no prompt fits."""
-    from alphasteer_lens.chat import encode_texts
-
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if ps is None or not isinstance(n_ctx, int):
+    ok = None if ps is None else fits_context(model, list(ps), fmt, room)
+    if ps is None or ok is None or all(ok):
         return ps, None
-    _, ids = encode_texts(model, list(ps), fmt)
-    kept = [p for p, row in zip(ps, ids, strict=True) if len(row) + room <= n_ctx]
-    if len(kept) == len(ps):
-        return ps, None
-    note = f"{ps.name}: {len(ps) - len(kept)} prompts longer than the context ({n_ctx}) left out"
+    kept = [p for p, keep in zip(ps, ok, strict=True) if keep]
+    note = (
+        f"{ps.name}: {len(ps) - len(kept)} prompts longer than the context "
+        f"({model.cfg.n_ctx}) left out"
+    )
     return (ps._derive(kept) if kept else None), note
 
 
@@ -341,8 +354,8 @@ def validation_sweep(
     model: HookedModel,
     harmful: list[str],
     benign: list[str],
-    steerings: dict[str, Steering],
-    strengths: tuple[float, ...],
+    steerings: Mapping[str, Any],
+    strengths: tuple[float, ...] | Mapping[str, tuple[float, ...]],
     *,
     fmt: PromptFormat,
     batch_size: int,
@@ -350,13 +363,15 @@ def validation_sweep(
     progress: bool = True,
 ) -> pd.DataFrame:
     """First-token refusal score and rate (log-odds > 0) on validation sets, per (method, λ),
-    with the vanilla model as ``("vanilla", 0.0)``. Methods in ``harmful_only`` are scored on
-    the harmful set only (their benign columns are None): ActAdd's λ is matched on harmful
-    refusal alone, so its benign passes would cost time and decide nothing."""
+    with the vanilla model as ``("vanilla", 0.0)``. ``strengths``: one λ grid for every method,
+    or a grid per method name. Methods in ``harmful_only`` are scored on the harmful set only
+    (their benign columns are None): ActAdd's λ is matched on harmful refusal alone, so its
+    benign passes would cost time and decide nothing."""
     ids = RefusalTokens.from_tokenizer(model.tokenizer).ids
     kw: dict[str, Any] = {"batch_size": batch_size, "prompt_format": fmt, "progress": progress}
-    runs: list[tuple[str, Steering | None, float]] = [("vanilla", None, 0.0)]
-    runs += [(name, st, lam) for name, st in steerings.items() for lam in strengths]
+    grid = strengths if isinstance(strengths, Mapping) else dict.fromkeys(steerings, strengths)
+    runs: list[tuple[str, Any, float]] = [("vanilla", None, 0.0)]
+    runs += [(name, st, lam) for name, st in steerings.items() for lam in grid[name]]
     rows = []
     for name, st, lam in runs:
         row: dict[str, Any] = {"method": name, "strength": lam}
@@ -374,18 +389,28 @@ def validation_sweep(
     return pd.DataFrame(rows)
 
 
-def choose_strengths(sweep: pd.DataFrame, max_benign_rise: float) -> tuple[float, float]:
-    """AlphaSteer's λ: the highest harmful first-token refusal on validation data among the
-    strengths whose benign first-token refusal rises by at most ``max_benign_rise`` (ties go to
-    the smaller λ). ActAdd's λ: the one whose harmful refusal comes closest to that."""
+def choose_strength(sweep: pd.DataFrame, max_benign_rise: float, method: str) -> float:
+    """``method``'s λ: the highest harmful first-token refusal on validation data among the
+    strengths whose benign first-token refusal rises by at most ``max_benign_rise`` over
+    vanilla (ties go to the smaller λ; the smallest λ when none qualifies)."""
     base = sweep[sweep.method == "vanilla"].iloc[0]
-    a = sweep[sweep.method == "alphasteer"].sort_values("strength")
+    a = sweep[sweep.method == method].sort_values("strength")
+    if a.empty:
+        raise ValueError(f"the validation sweep has no rows for {method!r}")
     ok = a[a.benign_refusal <= base.benign_refusal + max_benign_rise + 1e-9]
     pool = ok if len(ok) else a.head(1)
-    best = pool.loc[pool.harmful_refusal.idxmax()]
+    return float(pool.loc[pool.harmful_refusal.idxmax()].strength)
+
+
+def choose_strengths(sweep: pd.DataFrame, max_benign_rise: float) -> tuple[float, float]:
+    """AlphaSteer's λ (:func:`choose_strength`) and ActAdd's: the one whose harmful refusal
+    comes closest to AlphaSteer's at its λ."""
+    lam = choose_strength(sweep, max_benign_rise, "alphasteer")
+    a = sweep[sweep.method == "alphasteer"]
+    target = float(a[a.strength == lam].harmful_refusal.iloc[0])
     b = sweep[sweep.method == "actadd"].sort_values("strength")
-    act = b.iloc[int((b.harmful_refusal - best.harmful_refusal).abs().to_numpy().argmin())]
-    return float(best.strength), float(act.strength)
+    act = b.iloc[int((b.harmful_refusal - target).abs().to_numpy().argmin())]
+    return lam, float(act.strength)
 
 
 def library_format(fmt: PromptFormat, model: HookedModel) -> None:

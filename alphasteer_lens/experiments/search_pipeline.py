@@ -289,9 +289,10 @@ def choose_points(front: pd.DataFrame, top_k: int, kl_budget: float) -> pd.DataF
 def demo_settings(params: TrialParams, layer_max: int) -> dict[str, Any]:
     """The ``alphasteer-lens demo`` settings of one searched point: its layers (clipped at the
     searched range's top), its λ as the only strength (the demo's validation sweep then keeps
-    it), null-space ratio, α and gate: ``probe`` keeps C, ``calibrated`` is the demo's
-    ``score`` gate, and a gated point gives its ε and margin. A point without a gate leaves the
-    demo's default gate for its calibrated row. The demo refits on its own splits, so its run
+    it; a gated point's λ is also calibrated AlphaSteer's only strength), null-space ratio, α
+    and gate: ``probe`` keeps C, ``calibrated`` is the demo's ``score`` gate, and a gated point
+    gives its ε and margin. A point without a gate leaves the demo's default gate for its
+    calibrated row. The demo refits on its own splits, so its run
     re-validates the point on data the search never saw."""
     out: dict[str, Any] = {
         "layers": list(params.layers(layer_max)),
@@ -301,7 +302,8 @@ def demo_settings(params: TrialParams, layer_max: int) -> dict[str, Any]:
     }
     if params.gate in ("probe", "calibrated"):
         out["gate"] = "probe" if params.gate == "probe" else "score"
-        out |= {"eps": params.eps, "margin": params.margin}
+        out |= {"calibrated_strengths": [params.strength], "eps": params.eps}
+        out["margin"] = params.margin
         if params.gate == "probe":
             out["probe_c"] = params.probe_c
     return {k: v for k, v in out.items() if v is not None}
