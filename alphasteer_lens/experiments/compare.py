@@ -213,10 +213,7 @@ def fit_eval_context(
             continue
         if not any(ok):
             raise ConfigError(f"no prompt of eval set {es.name!r} fits the model's context")
-        notes.append(
-            f"{es.name}: {ok.count(False)} prompts longer than the context "
-            f"({model.cfg.n_ctx}) left out"
-        )
+        notes.append(R.too_long_note(es.name, ok, model))
         kept.append(es.subset([i for i, keep in enumerate(ok) if keep]))
     return kept
 

@@ -162,11 +162,12 @@ def within_context(
     if ps is None or ok is None or all(ok):
         return ps, None
     kept = [p for p, keep in zip(ps, ok, strict=True) if keep]
-    note = (
-        f"{ps.name}: {len(ps) - len(kept)} prompts longer than the context "
-        f"({model.cfg.n_ctx}) left out"
-    )
-    return (ps._derive(kept) if kept else None), note
+    return (ps._derive(kept) if kept else None), too_long_note(ps.name, ok, model)
+
+
+def too_long_note(name: str, ok: list[bool], model: HookedModel) -> str:
+    """The report note for the prompts of set ``name`` that :func:`fits_context` left out."""
+    return f"{name}: {ok.count(False)} prompts longer than the context ({model.cfg.n_ctx}) left out"
 
 
 def splits(
