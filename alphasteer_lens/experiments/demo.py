@@ -430,7 +430,7 @@ def run_demo(
             # A prompt the gate stays shut for gets exactly zero at every hook, so its answer and
             # first-token scores are vanilla's (tests/test_gates.py checks bit-identity): only
             # the prompts it opens for are generated again.
-            base = vanilla.get(col)
+            base = vanilla.get(col) if len(run) < len(ps) else None  # some prompts skipped
             gen, score = (list(base[0]), base[1].clone()) if base else ([], None)
             if run:
                 got, first = generate_with_logits(
