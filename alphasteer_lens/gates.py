@@ -37,6 +37,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -260,6 +261,59 @@ class GateProbe:
             us.append(torch.from_numpy(coef))
             bs.append(float(clf.intercept_[0] - mu @ coef))
         return cls(tuple(layers), torch.stack(us), torch.tensor(bs, dtype=torch.float64), float(C))
+
+    def save(self, path: str | Path, *, cv_log_loss: Mapping[str, float] | None = None) -> Path:
+        """Write the probe atomically (safetensors ``u`` and ``b`` in float64, metadata
+        ``layers``, ``C`` and the optional cross-validation table ``{C: log-loss}``), so a
+        resumed run reuses it bit for bit instead of refitting it."""
+        from alphasteer_lens.storage import atomic_save_safetensors
+
+        meta = {"kind": "gate_probe", "layers": list(self.layers), "C": self.C}
+        meta["cv_log_loss"] = dict(cv_log_loss or {})
+        atomic_save_safetensors({"u": self.u, "b": self.b}, path, meta)
+        return Path(path)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, *, layers: Sequence[int], d_model: int
+    ) -> tuple[GateProbe, dict[str, float]]:
+        """A probe written by :meth:`save`, checked (content hash, kind, the expected ``layers``
+        and ``d_model``, finite ``C > 0``) with its cross-validation table; any mismatch is an
+        :class:`~alphasteer_lens.storage.ArtifactError` naming the file and the value."""
+        import json
+
+        from alphasteer_lens.storage import ArtifactError, load_safetensors_checked
+
+        tensors, meta = load_safetensors_checked(path)
+
+        def field_(name: str) -> Any:
+            try:
+                return json.loads(meta[name]) if name != "kind" else meta[name]
+            except (KeyError, json.JSONDecodeError) as e:
+                raise ArtifactError(f"{path}: metadata field {name!r} missing or not JSON") from e
+
+        if field_("kind") != "gate_probe":
+            raise ArtifactError(f"{path}: not a gate probe (kind {field_('kind')!r})")
+        got, want = field_("layers"), [int(x) for x in layers]
+        if got != want:
+            raise ArtifactError(f"{path}: probe layers {got!r}, expected {want}")
+        c, cv = field_("C"), field_("cv_log_loss")
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+            raise ArtifactError(f"{path}: probe C must be a finite number > 0, got {c!r}")
+        if not isinstance(cv, dict) or not all(
+            isinstance(v, (int, float)) for v in cv.values()
+        ):  # fmt: skip
+            raise ArtifactError(f"{path}: cv_log_loss must map C to a number, got {cv!r}")
+        if set(tensors) != {"u", "b"}:
+            raise ArtifactError(f"{path}: probe tensors {sorted(tensors)}, expected ['b', 'u']")
+        u = tensors["u"]
+        if u.ndim != 2 or u.shape[1] != d_model:
+            raise ArtifactError(f"{path}: probe u has shape {tuple(u.shape)}, d_model is {d_model}")
+        try:
+            probe = cls(tuple(want), u, tensors["b"], float(c))
+        except ValueError as e:
+            raise ArtifactError(f"{path}: {e}") from e
+        return probe, {str(k): float(v) for k, v in cv.items()}
 
     @staticmethod
     def select_c(

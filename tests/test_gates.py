@@ -318,6 +318,48 @@ def test_gate_probe_folds_standardisation_into_one_dot_product() -> None:
         GateProbe((0,), torch.full((1, d), math.nan), torch.zeros(1))
 
 
+def test_gate_probe_saves_and_loads_bit_for_bit_and_rejects_bad_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A saved probe loads with the same float64 weights, C and CV table; a file for other
+    layers or another width, an edited metadata field, a truncated file or a steering
+    artifact in its place is a one-line ArtifactError naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from alphasteer_lens.storage import ArtifactError
+
+    g = torch.Generator().manual_seed(2)
+    d = 6
+    mal = {x: torch.randn(20, d, generator=g, dtype=torch.float64) + 1 for x in (1, 3)}
+    ben = {x: torch.randn(25, d, generator=g, dtype=torch.float64) - 1 for x in (1, 3)}
+    probe = GateProbe.fit(mal, ben, (1, 3), C=0.3)
+    path = probe.save(tmp_path / "probe.safetensors", cv_log_loss={"0.3": 0.25, "1.0": 0.5})
+    got, cv = GateProbe.load(path, layers=(1, 3), d_model=d)
+    assert (
+        torch.equal(got.u, probe.u) and torch.equal(got.b, probe.b) and got.u.dtype == torch.float64
+    )
+    assert got.C == 0.3 and got.layers == (1, 3) and cv == {"0.3": 0.25, "1.0": 0.5}
+    with pytest.raises(ArtifactError, match=r"probe layers \[1, 3\], expected \[1, 2\]"):
+        GateProbe.load(path, layers=(1, 2), d_model=d)
+    with pytest.raises(ArtifactError, match="d_model is 8"):
+        GateProbe.load(path, layers=(1, 3), d_model=8)
+    from alphasteer_lens.storage import read_metadata
+
+    meta = read_metadata(path)
+    edited = tmp_path / "edited.safetensors"
+    save_file(load_file(str(path)), str(edited), {**meta, "C": "5.0"})
+    with pytest.raises(ArtifactError, match="content hash mismatch"):
+        GateProbe.load(edited, layers=(1, 3), d_model=d)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-9])
+    with pytest.raises(ArtifactError, match="not a readable safetensors"):
+        GateProbe.load(cut, layers=(1, 3), d_model=d)
+    from alphasteer_lens.artifacts import save_steering
+    from alphasteer_lens.steering import ActAdd
+
+    other = save_steering(ActAdd((1, 3), torch.ones(2, d)), tmp_path / "actadd.safetensors")
+    with pytest.raises(ArtifactError, match="not a gate probe"):
+        GateProbe.load(other, layers=(1, 3), d_model=d)
+
+
 def test_gate_probe_select_c_by_cross_validated_log_loss() -> None:
     """``select_c`` against a by-hand k-fold: standardise on the training folds, fit, and average
     ``−mean(y log p + (1−y) log(1−p))`` on the held-out fold; the smallest mean over layers

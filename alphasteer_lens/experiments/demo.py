@@ -21,6 +21,7 @@ also report the share of each column they steer at all, and generate only the pr
 gate opens for (the others get exactly vanilla's answer: the hooks add 0.0).
 
 Outputs: ``alphasteer.safetensors`` (as soon as the fit finishes; λ added once chosen),
+``gate_probe.safetensors`` (the calibrated gate's probe, which ``resume`` reuses),
 ``report.json``, ``summary.md``, ``generations.csv`` (one row per method, set and prompt),
 ``gates.csv`` and ``gate_histogram`` (the calibrated gate per test prompt and layer), the PCA view
 ``pca_gated`` (ActAdd, AlphaSteer and calibrated AlphaSteer) with ``pca_points.csv`` and
@@ -75,6 +76,7 @@ from alphasteer_lens.storage import atomic_write_bytes, atomic_write_json
 from alphasteer_lens.viz import pca_figure, save_figure
 
 ARTIFACT = "alphasteer.safetensors"
+PROBE = "gate_probe.safetensors"
 
 
 COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
@@ -335,13 +337,22 @@ def run_demo(
     # The gates: τ from held-out benign calibration prompts; CAST's threshold by F1 on validation.
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "prompt_format": fmt, "progress": progress}
     cal = cache_activations(model, list(rs.calibration), layers=layers, desc="calibration", **kw)
-    probe, probe_cv = None, None
-    if cfg.gate == "probe":
+    probe: GateProbe | None = None
+    probe_cv: dict[str, float] | None = None
+    probe_file = out / PROBE
+    if cfg.gate == "probe" and resume and probe_file.exists():  # reused bit for bit
+        probe, cv = GateProbe.load(probe_file, layers=layers, d_model=model.cfg.d_model)
+        probe_cv = cv or None
+        if cfg.probe_c != "cv" and float(cfg.probe_c) != probe.C:
+            probe = None  # the config now asks for another C: fit again
+    if cfg.gate == "probe" and probe is None:
         sides_fit = fit_sides or _fit_sides(model, sp, rs, layers, kw)
-        probe_c = cfg.probe_c
+        probe_c, probe_cv = cfg.probe_c, None
         if probe_c == "cv":
-            probe_c, probe_cv = GateProbe.select_c(*sides_fit, layers, seed=cfg.seed)
+            probe_c, table = GateProbe.select_c(*sides_fit, layers, seed=cfg.seed)
+            probe_cv = table.groupby("C").log_loss.mean().rename(str).to_dict()
         probe = GateProbe.fit(*sides_fit, layers, C=float(probe_c), seed=cfg.seed)
+        probe.save(probe_file, cv_log_loss=probe_cv)
     gated = CalibratedAlphaSteer(steer_a, margin=cfg.margin, probe=probe).calibrate_activations(
         {x: t.double() for x, t in cal.by_layer().items()}, cfg.eps
     )
@@ -485,11 +496,7 @@ def run_demo(
             "probe_c_how": (
                 None if probe is None else "given" if probe_cv is None else "cv on the fit sides"
             ),
-            "probe_cv_log_loss": (
-                None
-                if probe_cv is None
-                else probe_cv.groupby("C").log_loss.mean().rename(str).to_dict()
-            ),
+            "probe_cv_log_loss": probe_cv,
         },  # fmt: skip
         "figures": figures,
         "benign_leakage": {str(k): v for k, v in zip(layers, steer_a.leakage, strict=True)},
