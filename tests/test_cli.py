@@ -326,6 +326,29 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     written = probe_file.read_bytes(), probe_file.stat().st_mtime_ns
     assert main(["demo", *common, "--out", str(out), "--resume"]) == 0  # reuses fit and λ
     assert (probe_file.read_bytes(), probe_file.stat().st_mtime_ns) == written  # not refitted
+    # A hand-edited probe or a truncated steering artifact stops a resume with one line.
+    from safetensors.torch import load_file, save_file
+
+    from alphasteer_lens.storage import read_metadata
+
+    edited = {**read_metadata(probe_file), "C": "5.0"}
+    save_file(load_file(str(probe_file)), str(probe_file), edited)
+    resume = ["demo", *common, "--out", str(out), "--resume"]
+
+    def resume_error() -> str:  # after the model's loading bars: one error line, no traceback
+        capsys.readouterr()
+        assert main(resume) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.endswith("\n")
+        line = err.rstrip("\n").rsplit("\n", 1)[-1].split("\r")[-1]
+        assert line.startswith("error: "), line
+        return line
+
+    assert "gate_probe.safetensors: content hash mismatch" in resume_error()
+    probe_file.write_bytes(written[0])
+    artifact = out / "alphasteer.safetensors"
+    artifact.write_bytes(artifact.read_bytes()[:-16])
+    assert "alphasteer.safetensors is not a readable safetensors" in resume_error()
     resumed = json.loads((out / "report.json").read_text())
     # The fit, λ and the gate probe are reused from the run's files (the probe bit for bit);
     # only calibration and test activations are cached again, whose float32 sums may differ in

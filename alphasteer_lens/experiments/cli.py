@@ -91,8 +91,13 @@ def start(
 
 
 def _execute(command: str, cfg: Any, out: Path, data: Any, resume: bool) -> dict[str, Any]:
+    from alphasteer_lens.storage import ArtifactError
+
     _, runner, _ = _pipeline(command)
-    report = runner(out, cfg, data, resume)
+    try:
+        report = runner(out, cfg, data, resume)
+    except ArtifactError as err:  # an edited or corrupt file of the run being resumed
+        raise ConfigError(" ".join(str(err).split())) from err
     summary = out / "summary.md"
     if summary.exists():
         typer.echo(summary.read_text())
