@@ -67,6 +67,7 @@ __all__ = [
     "false_steer_rate",
     "gate_histogram",
     "gate_report",
+    "held_out_false_steer",
 ]
 
 
@@ -797,6 +798,43 @@ def fired(gate: CalibratedAlphaSteer | Cast, acts: Mapping[int, Tensor]) -> Tens
 def fire_rate(gate: CalibratedAlphaSteer | Cast, acts: Mapping[int, Tensor]) -> float:
     """The share of prompts ``gate`` steers at all (see :func:`fired`)."""
     return float(fired(gate, acts).double().mean())
+
+
+def held_out_false_steer(
+    gate: CalibratedAlphaSteer,
+    benign: Mapping[int, Tensor],
+    eps: float,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The realised false-steer rate on in-distribution benign prompts the threshold never saw:
+    the calibration prompts (``{layer: [n, d]}``) split into ``folds`` seeded folds, τ
+    calibrated on all but one at ``eps`` and the share of the held-out fold the gate opens for.
+    One row per fold (``fold``, ``n_calibration``, ``n_held_out``, ``tau``,
+    ``false_steer_rate``). Split conformal bounds each fold's expected rate by ``eps``
+    (calibrated on ``(folds − 1)/folds`` of the prompts), so the mean is the check of the
+    guarantee on the calibration distribution, without holding any prompt out of the deployed
+    τ."""
+    import pandas as pd
+
+    raw = gate._raw_scores(benign)
+    n = raw.shape[0]
+    if not 2 <= folds <= n:
+        raise ValueError(f"held_out_false_steer: folds must be in [2, {n}], got {folds}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for k, held in enumerate(order.tensor_split(folds)):
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        g = gate.calibrate(raw[keep], eps, too_few="ignore")
+        opened = g.gate(g.gate_scores(g._scale(raw[held]))).gt(0).any(1)
+        rows.append(
+            {"fold": k, "n_calibration": int(keep.sum()), "n_held_out": len(held),
+             "tau": g.tau[0] if g.tau else math.nan,
+             "false_steer_rate": float(opened.double().mean())}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def gate_report(

@@ -280,6 +280,9 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     assert steered == pytest.approx(report["methods"]["alphasteer_calibrated"][
         "benign_steered_fraction"])  # fmt: skip
     assert str(out / "gate_histogram.html") in report["figures"]
+    folds = report["gate"]["held_out_false_steer_folds"]  # 5-fold check of τ's false-steer rate
+    assert len(folds) == 5 and report["gate"]["held_out_false_steer"] == pytest.approx(
+        sum(folds) / 5)  # fmt: skip
     # The PCA view: calibrated AlphaSteer leaves every benign prompt its gate stays shut for
     # exactly where it was (the hook adds 0.0), while plain AlphaSteer moves them.
     assert str(out / "pca_gated.html") in report["figures"]

@@ -55,6 +55,7 @@ from alphasteer_lens.gates import (
     fired,
     gate_histogram,
     gate_report,
+    held_out_false_steer,
 )
 from alphasteer_lens.generation import generate_with_logits
 from alphasteer_lens.jailbreaks import (
@@ -77,6 +78,7 @@ from alphasteer_lens.viz import pca_figure, save_figure
 
 ARTIFACT = "alphasteer.safetensors"
 PROBE = "gate_probe.safetensors"
+CV_FOLDS = 5  # folds of the held-out false-steer check on the calibration prompts
 
 
 COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
@@ -353,9 +355,13 @@ def run_demo(
             probe_cv = table.groupby("C").log_loss.mean().rename(str).to_dict()
         probe = GateProbe.fit(*sides_fit, layers, C=float(probe_c), seed=cfg.seed)
         probe.save(probe_file, cv_log_loss=probe_cv)
+    cal_acts = {x: t.double() for x, t in cal.by_layer().items()}
     gated = CalibratedAlphaSteer(steer_a, margin=cfg.margin, probe=probe).calibrate_activations(
-        {x: t.double() for x, t in cal.by_layer().items()}, cfg.eps
+        cal_acts, cfg.eps
     )
+    # The realised false-steer rate on in-distribution benign prompts τ never saw (k-fold).
+    folds = min(CV_FOLDS, len(rs.calibration))
+    cv = held_out_false_steer(gated, cal_acts, cfg.eps, folds=folds, seed=cfg.seed)
     cl = layers[0]
     sides = {"harmful": sp.harmful_train, "benign": sp.benign_train}
     cast_fit = {k: fit_acts[k][cl] for k in sides} if fit_acts else {}  # reuse the fit's cache
@@ -488,6 +494,8 @@ def run_demo(
             "margin": cfg.margin,
             "tau": list(gated.tau or ()),
             "n_calibration": gated.n_calibration,
+            "held_out_false_steer": float(cv.false_steer_rate.mean()),
+            "held_out_false_steer_folds": cv.false_steer_rate.tolist(),
             "cast_layer": cl,
             "cast_threshold": cast.threshold,
             "cast_f1": cast.f1,
@@ -583,8 +591,16 @@ def summary_markdown(report: dict[str, Any]) -> str:
             "(chosen on validation data); calibrated AlphaSteer: gate on "
             f"{_GATE_WORDS.get(report['gate'].get('kind', 'score'), '?')}, ε = "
             f"{report['gate']['eps']}, τ = {report['gate']['tau'][0]:.3f} from "
-            f"{report['gate']['n_calibration']} held-out benign prompts; CAST at layer "
-            f"{report['gate']['cast_layer']}, threshold {report['gate']['cast_threshold']}.",
+            f"{report['gate']['n_calibration']} held-out benign prompts"
+            + (
+                f" (realised false-steer rate on calibration prompts held out of τ, "
+                f"{len(report['gate']['held_out_false_steer_folds'])}-fold: "
+                f"{report['gate']['held_out_false_steer']:.1%})"
+                if "held_out_false_steer" in report["gate"]
+                else ""
+            )
+            + f"; CAST at layer {report['gate']['cast_layer']}, threshold "
+            f"{report['gate']['cast_threshold']}.",
             "Data (name: prompts): "
             + ", ".join(f"{k}: {v}" for k, v in report["data"].items())
             + ".",
