@@ -42,7 +42,8 @@ _LAYER = re.compile(r"^blocks\.(\d+)\.")
 @dataclass(frozen=True)
 class Activations(Mapping[str, Tensor]):
     """Activations per hook name, a read-only mapping: ``[n, d]`` for "last"/"mean",
-    ``[n, len(positions), d]`` for a position list, ``[n, pos, d]`` (left-padded, see
+    ``[n, 2, d]`` (last token, prompt mean) for "last+mean", ``[n, len(positions), d]`` for a
+    position list, ``[n, pos, d]`` (left-padded, see
     ``attention_mask``) for "prompt"/"all". ``acts[layer]`` also works where one hook of that
     layer is cached; ``len(acts)`` is the number of hooks and ``acts.n`` the number of prompts."""
 
@@ -176,9 +177,10 @@ def _select(act: Tensor, mask: Tensor, positions: str | tuple[int, ...]) -> Tens
         return act[:, -1]
     if positions == "all":
         return act
-    if positions == "mean":
+    if positions in ("mean", "last+mean"):
         m = mask.to(act.dtype).unsqueeze(-1)
-        return (act * m).sum(1) / m.sum(1)
+        mean = (act * m).sum(1) / m.sum(1)
+        return mean if positions == "mean" else torch.stack([act[:, -1], mean], 1)
     assert isinstance(positions, tuple)
     start = mask.shape[1] - mask.sum(1)  # first real token per row
     idx = torch.stack(
@@ -315,9 +317,10 @@ def cache_activations(
     pos: str | tuple[int, ...] = positions if isinstance(positions, str) else tuple(positions)
     if pos == "prompt":
         pos = "all"
-    if isinstance(pos, str) and pos not in ("last", "all", "mean"):
+    if isinstance(pos, str) and pos not in ("last", "all", "mean", "last+mean"):
         raise ValueError(
-            f"positions must be 'last', 'prompt', 'mean' or a list of ints, got {pos!r}"
+            f"positions must be 'last', 'prompt', 'mean', 'last+mean' or a list of ints, got "
+            f"{pos!r}"
         )
     if isinstance(pos, tuple) and not pos:
         raise ValueError("positions list is empty")
@@ -356,6 +359,8 @@ def cache_activations(
     width = (
         1
         if pos in ("last", "mean")
+        else 2
+        if pos == "last+mean"
         else (len(pos) if isinstance(pos, tuple) else 64 + max(lengths) // 3)
     )
     _check_resources(len(prompts), width, d_model, len(names), path.parent if path else None)
@@ -423,6 +428,8 @@ def _cache_mismatch(
             return f"{name} is not finite float32"
         if isinstance(pos, str) and pos in ("last", "mean") and t.ndim != 2:
             return f"{name} has shape {tuple(t.shape)} for positions={pos!r}"
+        if pos == "last+mean" and (t.ndim != 3 or t.shape[1] != 2):
+            return f"{name} has shape {tuple(t.shape)} for positions='last+mean'"
         if isinstance(pos, tuple) and (t.ndim != 3 or t.shape[1] != len(pos)):
             return f"{name} has shape {tuple(t.shape)} for positions={list(pos)}"
         if pos == "all" and (t.ndim != 3 or mask is None or tuple(mask.shape) != t.shape[:2]):

@@ -16,7 +16,10 @@ Two gates on the one steering runtime (:mod:`alphasteer_lens.steering`):
   (plain and sensitive-but-safe) fit prompts. The steering added when the gate is open is still
   AlphaSteer's ``s_l · r_l``; only *whether* to steer changes. AlphaSteer's score is a regression
   target ("map malicious to r, benign to 0") and reads "sounds harmful"; the probe is trained to
-  tell the two classes apart, wrapped harm and safe-but-sensitive prompts included.
+  tell the two classes apart, wrapped harm and safe-but-sensitive prompts included. A probe may
+  also read the mean of the layer's input over the prompt's tokens (``reads="last+mean"``,
+  fitted on ``cache_activations(positions="last+mean")``); the hook then takes that mean during
+  the prefill, so cached and run-time gate scores are the same function of the same pass.
 - :class:`Cast`: the CAST baseline (IBM activation-steering, ICLR 2025): the cosine of ``h_last``
   with a condition direction at one condition layer, compared with a threshold chosen by F1 on a
   grid, switches ActAdd of the refusal vectors at the steered layers on or off for the prompt.
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 GateMode = Literal["prompt", "layer"]
+ProbeReads = Literal["last", "last+mean"]
 TooFew = Literal["warn", "raise", "ignore"]
 
 __all__ = [
@@ -68,6 +72,7 @@ __all__ = [
     "gate_histogram",
     "gate_report",
     "held_out_false_steer",
+    "last_token",
 ]
 
 
@@ -189,15 +194,45 @@ def _scores_matrix(
 PROBE_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
+def last_token(h: Tensor) -> Tensor:
+    """The last-token rows of cached activations: ``h`` itself for ``[n, d]``, ``h[:, 0]`` for
+    the ``[n, 2, d]`` (last token, prompt mean) of ``cache_activations(positions="last+mean")``."""
+    if h.ndim == 3 and h.shape[1] == 2:
+        return h[:, 0]
+    if h.ndim != 2:
+        raise ValueError(
+            f"activations must be [n, d] (last token) or [n, 2, d] (last token, prompt mean), "
+            f"got shape {tuple(h.shape)}"
+        )
+    return h
+
+
+def _features(h: Tensor, reads: ProbeReads, who: str) -> Tensor:
+    """A probe's input rows: the last token, or the last token and the prompt mean side by side
+    (``[n, 2d]``) from ``[n, 2, d]`` activations."""
+    if reads == "last":
+        return last_token(h)
+    if h.ndim != 3 or h.shape[1] != 2:
+        raise ValueError(
+            f"{who}: a probe that reads 'last+mean' needs [n, 2, d] activations (cache them with "
+            f"positions='last+mean'), got shape {tuple(h.shape)}"
+        )
+    return h.reshape(h.shape[0], -1)
+
+
 def _probe_data(
-    malicious: Mapping[int, Tensor], benign: Mapping[int, Tensor], layer: int, who: str
+    malicious: Mapping[int, Tensor],
+    benign: Mapping[int, Tensor],
+    layer: int,
+    who: str,
+    reads: ProbeReads = "last",
 ) -> tuple[np.ndarray, np.ndarray]:
     """One layer's probe training data: rows ``[malicious; benign]`` (float64) and labels 1/0,
     checked (both sides present, non-empty, one d, finite)."""
     if layer not in malicious or layer not in benign:
         raise ValueError(f"{who}: no activations for layer {layer}")
-    a = malicious[layer].detach().double().cpu()
-    z = benign[layer].detach().double().cpu()
+    a = _features(malicious[layer].detach().double().cpu(), reads, who)
+    z = _features(benign[layer].detach().double().cpu(), reads, who)
     if a.ndim != 2 or z.ndim != 2 or a.shape[1] != z.shape[1] or not len(a) or not len(z):
         raise ValueError(
             f"{who}: layer {layer} needs two non-empty [n, d] sets of one d, got "
@@ -212,13 +247,16 @@ def _probe_data(
 @dataclass(frozen=True)
 class GateProbe:
     """A linear gate score per steered layer: ``z_l = h_last·u_l + b_l`` (a logistic-regression
-    logit, malicious > 0). Fit with :meth:`fit`; ``u`` is ``[n_layers, d_model]``, ``b``
-    ``[n_layers]``, both float64, in the steering's layer order."""
+    logit, malicious > 0), or with ``u_mean`` ``z_l = h_last·u_l + h̄·u_mean_l + b_l`` where
+    ``h̄`` is the mean of the layer's input over the prompt's tokens (``reads == "last+mean"``).
+    Fit with :meth:`fit`; ``u`` and ``u_mean`` are ``[n_layers, d_model]``, ``b``
+    ``[n_layers]``, all float64, in the steering's layer order."""
 
     layers: tuple[int, ...]
     u: Float[Tensor, "layer d_model"]
     b: Float[Tensor, " layer"]
     C: float = 0.1
+    u_mean: Float[Tensor, "layer d_model"] | None = None
 
     def __post_init__(self) -> None:
         u = torch.as_tensor(self.u).detach().double().cpu()
@@ -229,11 +267,26 @@ class GateProbe:
                 f"GateProbe needs u [{n}, d_model] and b [{n}] for layers {list(self.layers)}, "
                 f"got u {tuple(u.shape)} and b {tuple(b.shape)}"
             )
-        if not (torch.isfinite(u).all() and torch.isfinite(b).all()):
+        weights = [u, b]
+        if self.u_mean is not None:
+            um = torch.as_tensor(self.u_mean).detach().double().cpu()
+            if um.shape != u.shape:
+                raise ValueError(
+                    f"GateProbe u_mean has shape {tuple(um.shape)}, u has {tuple(u.shape)}"
+                )
+            object.__setattr__(self, "u_mean", um)
+            weights.append(um)
+        if not all(torch.isfinite(t).all() for t in weights):
             raise ValueError("GateProbe weights contain NaN or inf")
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
         object.__setattr__(self, "u", u)
         object.__setattr__(self, "b", b)
+
+    @property
+    def reads(self) -> ProbeReads:
+        """What the probe reads: ``"last"`` (the last prompt token) or ``"last+mean"`` (and the
+        mean over the prompt's tokens)."""
+        return "last" if self.u_mean is None else "last+mean"
 
     @classmethod
     def fit(
@@ -244,24 +297,33 @@ class GateProbe:
         *,
         C: float = 0.1,
         seed: int = 0,
+        reads: ProbeReads = "last",
     ) -> GateProbe:
-        """One L2-regularised logistic regression per layer on standardised last-token
-        activations (``{layer: [n, d]}``), classes weighted to balance; the standardisation is
-        folded into ``u`` and ``b`` so the runtime does one dot product per prompt."""
+        """One L2-regularised logistic regression per layer on standardised activations,
+        classes weighted to balance; the standardisation is folded into ``u`` (and ``u_mean``)
+        and ``b`` so the runtime does one dot product per prompt. ``reads="last"``: last-token
+        activations ``{layer: [n, d]}`` (or ``[n, 2, d]``, of which the last token is used);
+        ``"last+mean"``: ``{layer: [n, 2, d]}`` (last token, prompt mean) from
+        ``cache_activations(positions="last+mean")``, both read side by side."""
         from sklearn.linear_model import LogisticRegression
 
         if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
             raise ValueError(f"C (inverse regularisation strength) must be finite and > 0, got {C}")
+        _check_reads(reads)
         us, bs = [], []
         for layer in layers:
-            x, y = _probe_data(malicious, benign, layer, "GateProbe.fit")
+            x, y = _probe_data(malicious, benign, layer, "GateProbe.fit", reads)
             mu, sd = x.mean(0), x.std(0) + 1e-6
             clf = LogisticRegression(C=C, max_iter=5000, class_weight="balanced", random_state=seed)
             clf.fit((x - mu) / sd, y)
             coef = clf.coef_[0] / sd
             us.append(torch.from_numpy(coef))
             bs.append(float(clf.intercept_[0] - mu @ coef))
-        return cls(tuple(layers), torch.stack(us), torch.tensor(bs, dtype=torch.float64), float(C))
+        u, b = torch.stack(us), torch.tensor(bs, dtype=torch.float64)
+        if reads == "last":
+            return cls(tuple(layers), u, b, float(C))
+        d = u.shape[1] // 2
+        return cls(tuple(layers), u[:, :d], b, float(C), u[:, d:])
 
     def save(self, path: str | Path, *, cv_log_loss: Mapping[str, float] | None = None) -> Path:
         """Write the probe atomically (safetensors ``u`` and ``b`` in float64, metadata
@@ -271,7 +333,10 @@ class GateProbe:
 
         meta = {"kind": "gate_probe", "layers": list(self.layers), "C": self.C}
         meta["cv_log_loss"] = dict(cv_log_loss or {})
-        atomic_save_safetensors({"u": self.u, "b": self.b}, path, meta)
+        tensors = {"u": self.u, "b": self.b}
+        if self.u_mean is not None:
+            tensors["u_mean"] = self.u_mean
+        atomic_save_safetensors(tensors, path, meta)
         return Path(path)
 
     @classmethod
@@ -305,13 +370,15 @@ class GateProbe:
             isinstance(v, (int, float)) for v in cv.values()
         ):  # fmt: skip
             raise ArtifactError(f"{path}: cv_log_loss must map C to a number, got {cv!r}")
-        if set(tensors) != {"u", "b"}:
-            raise ArtifactError(f"{path}: probe tensors {sorted(tensors)}, expected ['b', 'u']")
+        if set(tensors) not in ({"u", "b"}, {"u", "b", "u_mean"}):
+            raise ArtifactError(
+                f"{path}: probe tensors {sorted(tensors)}, expected ['b', 'u'] (and 'u_mean')"
+            )
         u = tensors["u"]
         if u.ndim != 2 or u.shape[1] != d_model:
             raise ArtifactError(f"{path}: probe u has shape {tuple(u.shape)}, d_model is {d_model}")
         try:
-            probe = cls(tuple(want), u, tensors["b"], float(c))
+            probe = cls(tuple(want), u, tensors["b"], float(c), tensors.get("u_mean"))
         except ValueError as e:
             raise ArtifactError(f"{path}: {e}") from e
         return probe, {str(k): float(v) for k, v in cv.items()}
@@ -325,23 +392,26 @@ class GateProbe:
         grid: Sequence[float] = PROBE_C_GRID,
         folds: int = 3,
         seed: int = 0,
+        reads: ProbeReads = "last",
     ) -> tuple[float, pd.DataFrame]:
         """The ``C`` of ``grid`` with the lowest mean cross-validated log-loss (stratified
         ``folds``-fold, classes weighted to balance, standardised inside each fold) over
-        ``layers``, and the table of every ``(C, layer)`` loss. Uses the fit data only, so the
-        choice never sees calibration or test prompts."""
+        ``layers``, and the table of every ``(C, layer)`` loss, for a probe that ``reads`` what
+        :meth:`fit` would. Uses the fit data only, so the choice never sees calibration or test
+        prompts."""
         import pandas as pd
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_score
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
+        _check_reads(reads)
         cs = [float(c) for c in grid]
         if not cs or not all(math.isfinite(c) and c > 0 for c in cs):
             raise ValueError(f"grid must hold finite C > 0, got {list(grid)}")
         rows = []
         for layer in layers:
-            x, y = _probe_data(malicious, benign, layer, "GateProbe.select_c")
+            x, y = _probe_data(malicious, benign, layer, "GateProbe.select_c", reads)
             n_mal = int(y.sum())
             n_ben = len(y) - n_mal
             if folds < 2 or min(n_mal, n_ben) < folds:
@@ -363,8 +433,19 @@ class GateProbe:
         return float(mean.idxmin()), table
 
     def scores(self, i: int, h: Tensor) -> Tensor:
-        """The logit of layer index ``i`` for rows ``h`` ``[n, d]`` (float64)."""
-        return h.double() @ self.u[i].to(h.device) + float(self.b[i])
+        """The logit of layer index ``i`` (float64) for rows ``h``: ``[n, d]`` last-token
+        activations, or ``[n, 2, d]`` (last token, prompt mean), which a ``"last+mean"`` probe
+        needs."""
+        z = last_token(h).double() @ self.u[i].to(h.device) + float(self.b[i])
+        if self.u_mean is None:
+            return z
+        _features(h, "last+mean", "GateProbe.scores")  # checks the [n, 2, d] shape
+        return z + h[:, 1].double() @ self.u_mean[i].to(h.device)
+
+
+def _check_reads(reads: str) -> None:
+    if reads not in ("last", "last+mean"):
+        raise ValueError(f"reads must be 'last' or 'last+mean', got {reads!r}")
 
 
 @dataclass(frozen=True)
@@ -457,7 +538,10 @@ class CalibratedAlphaSteer:
         if self.probe is not None:
             cols = [self.probe.scores(i, acts[x]).cpu() for i, x in enumerate(self.layers)]
             return torch.stack(cols, 1)
-        cols = [self.base.malicious_scores(layer, acts[layer]).cpu() for layer in self.layers]
+        cols = [
+            self.base.malicious_scores(layer, last_token(acts[layer])).cpu()
+            for layer in self.layers
+        ]
         return torch.stack(cols, 1).double()
 
     def _scale(self, s: Tensor) -> Tensor:
@@ -574,7 +658,9 @@ class CalibratedAlphaSteer:
         if last is not None:
             self._tau()  # raises before any state is touched when uncalibrated
             s = self.base.scores(i, last).double()
-            if self.probe is not None:
+            if self.probe is not None and self.probe.u_mean is not None:
+                m = self.probe.scores(i, torch.stack([last, state.prompt_mean(h)], 1))
+            elif self.probe is not None:
                 m = self.probe.scores(i, last)
             else:
                 m = s / self.scale[i] if self.scale is not None else s
@@ -791,7 +877,7 @@ def fired(gate: CalibratedAlphaSteer | Cast, acts: Mapping[int, Tensor]) -> Tens
     activations ``{layer: [n, d]}`` (exact: a prompt's gate opens, or not, before it is
     steered)."""
     if isinstance(gate, Cast):
-        return gate.decide(acts[gate.condition_layer]).cpu()
+        return gate.decide(last_token(acts[gate.condition_layer])).cpu()
     return gate.decisions({x: acts[x] for x in gate.layers}).gt(0).any(1).cpu()
 
 
@@ -864,16 +950,19 @@ def gate_report(
             factor = gate.gate(gs).numpy() if gate.tau is not None else np.ones(raw.shape)
         elif isinstance(gate, AlphaSteer):
             layers = list(gate.layers)
-            raw = torch.stack([gate.malicious_scores(x, acts[x]).cpu() for x in layers], 1)
+            raw = torch.stack(
+                [gate.malicious_scores(x, last_token(acts[x])).cpu() for x in layers], 1
+            )
             gs = raw
             tau = np.full(len(layers), -np.inf)
             factor = np.ones(raw.shape)
         elif isinstance(gate, Cast):
             layers = [gate.condition_layer]
-            raw = gate.similarity(acts[gate.condition_layer]).cpu()[:, None]
+            h = last_token(acts[gate.condition_layer])
+            raw = gate.similarity(h).cpu()[:, None]
             gs = raw
             tau = np.array([gate.threshold])
-            factor = gate.decide(acts[gate.condition_layer]).cpu().double().numpy()[:, None]
+            factor = gate.decide(h).cpu().double().numpy()[:, None]
         else:
             raise ValueError(f"gate_report: unsupported steering {type(gate).__name__}")
         raw_np, gs_np = raw.numpy(), gs.numpy()

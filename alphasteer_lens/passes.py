@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-Positions = Literal["last", "prompt", "instruction_end", "all", "mean"] | Sequence[int]
+Positions = Literal["last", "prompt", "instruction_end", "all", "mean", "last+mean"] | Sequence[int]
 SteerPositions = Literal["last", "prompt", "instruction_end", "all"]
 STEER_POSITIONS = ("last", "prompt", "instruction_end", "all")
 PassKind = Literal["prefill", "decode", "rerun"]
@@ -141,6 +141,17 @@ class PassState:
             return None
         rows = torch.arange(h.shape[0], device=h.device)
         return h[rows, (self.prompt.end - self.start).to(h.device)]
+
+    def prompt_mean(self, h: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch d"]:
+        """The mean of ``h`` over each row's prompt tokens (the pad columns left out), read in a
+        pass that holds the whole prompt (the prefill)."""
+        if not self.covers_prompt_end() or bool((self.prompt.start < self.start).any()):
+            raise RuntimeError(
+                "the prompt mean needs a pass that holds the whole prompt (the prefill); this "
+                f"pass covers columns {self.start}..{self.start + self.width - 1}"
+            )
+        m = self.mask("prompt", False, h.device).to(h.dtype).unsqueeze(-1)
+        return (h * m).sum(1) / m.sum(1)
 
     def mask(
         self, positions: SteerPositions, generated: bool, device: torch.device | str = "cpu"

@@ -374,3 +374,30 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     assert settings["layers"] == [1] and settings["layer_choice"]["how"].startswith("auto:")
     assert (figs / "pca_actadd_vs_alphasteer.html").exists()
     assert (figs / "data" / "layer_sweep_logit.csv").exists() and (figs / "manifest.json").exists()
+
+
+def test_demo_gate_probe_reading_the_prompt_mean_on_a_tiny_qwen2(
+    tiny_dir: Path, short_data: Path, tmp_path: Path
+) -> None:
+    """``probe_reads = "last+mean"``: the probe is fitted on the fit sides' last-token and
+    prompt-mean activations, saved with ``u_mean``, and the report's steered fractions are the
+    gate report's (cached decisions from the same two readings)."""
+    from safetensors import safe_open
+
+    toml = tmp_path / "mean.toml"
+    toml.write_text(
+        SMALL + "n_harmful_test = 6\nn_benign_test = 6\neps = 0.25\nn_pca_per_column = 0\n"
+        'probe_reads = "last+mean"\nprobe_c = 0.3\n'
+    )
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", str(tiny_dir), "--quick", "--data", str(short_data)]
+    assert main([*argv, "--config", str(toml), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["gate"]["probe_reads"] == "last+mean" and report["gate"]["probe_c"] == 0.3
+    with safe_open(str(out / "gate_probe.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["b", "u", "u_mean"]
+    gates = pd.read_csv(out / "gates.csv")
+    for col in ("harmful", "benign"):
+        steered = gates[gates.set == col].groupby("index").fired_prompt.first().mean()
+        assert steered == pytest.approx(report["methods"]["alphasteer_calibrated"][
+            f"{col}_steered_fraction"])  # fmt: skip

@@ -464,3 +464,99 @@ def test_probe_gate_decides_on_the_probe_and_steers_with_alphasteer() -> None:
         CalibratedAlphaSteer(_steer(d, (1,)), probe=probe)
     with pytest.raises(ValueError, match="not both"):
         CalibratedAlphaSteer(base, probe=probe, scale=(2.0,))
+
+
+def test_cache_last_plus_mean_is_last_and_mean_of_one_pass(tiny) -> None:  # type: ignore[no-untyped-def]
+    """``positions="last+mean"`` holds ``[n, 2, d]``: the "last" cache and the "mean" cache of
+    the same prompts side by side, and the prompt mean is the masked mean by hand."""
+    both = cache_activations(tiny, PROMPTS, layers=[1], positions="last+mean", progress=False)
+    last = cache_activations(tiny, PROMPTS, layers=[1], positions="last", progress=False)
+    mean = cache_activations(tiny, PROMPTS, layers=[1], positions="mean", progress=False)
+    full = cache_activations(tiny, PROMPTS, layers=[1], positions="prompt", progress=False)
+    assert both[1].shape == (len(PROMPTS), 2, tiny.cfg.d_model)
+    torch.testing.assert_close(both[1][:, 0], last[1])
+    torch.testing.assert_close(both[1][:, 1], mean[1])
+    m = full.attention_mask
+    assert m is not None
+    by_hand = torch.stack([full[1][i, m[i].bool()].mean(0) for i in range(len(PROMPTS))])
+    torch.testing.assert_close(both[1][:, 1], by_hand, atol=1e-5, rtol=1e-5)
+
+
+def test_pass_state_prompt_mean_skips_padding_and_needs_the_prefill() -> None:
+    """The runtime's prompt mean over a left-padded prefill equals the mean of each row's real
+    columns; a decode step (which holds one column) cannot give it."""
+    from alphasteer_lens.passes import PassState, prompt_bounds
+
+    tokens = torch.arange(10).reshape(2, 5)
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    h = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(0))
+    state = PassState("prefill", 0, 5, prompt_bounds(tokens, mask))
+    torch.testing.assert_close(state.prompt_mean(h), torch.stack([h[0, 2:].mean(0), h[1].mean(0)]))
+    decode = PassState("decode", 5, 1, state.prompt)
+    with pytest.raises(RuntimeError, match="whole prompt"):
+        decode.prompt_mean(h[:, :1])
+
+
+def test_gate_probe_last_plus_mean_fit_load_and_shapes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A ``"last+mean"`` probe equals sklearn's decision function on the two readings side by
+    side (an independent computation); a class signal only in the prompt mean is found there;
+    it saves and loads with ``u_mean``; it refuses last-token-only activations."""
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(3)
+    d = 5
+    shift = torch.zeros(2, d, dtype=torch.float64)
+    shift[1, 0] = 2.5  # the classes differ in the mean reading only
+    mal = {4: torch.randn(70, 2, d, generator=g, dtype=torch.float64) + shift}
+    ben = {4: torch.randn(80, 2, d, generator=g, dtype=torch.float64) - shift}
+    probe = GateProbe.fit(mal, ben, (4,), C=0.7, reads="last+mean")
+    assert probe.reads == "last+mean" and probe.u_mean is not None
+    x = torch.cat([mal[4], ben[4]]).reshape(150, 2 * d).numpy()
+    y = np.r_[np.ones(70), np.zeros(80)]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=0.7, max_iter=5000, class_weight="balanced", random_state=0)
+    want = clf.fit((x - mu) / sd, y).decision_function((x - mu) / sd)
+    got = probe.scores(0, torch.cat([mal[4], ben[4]]))
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-8)
+    assert probe.u_mean[0].abs().argmax() == 0 and probe.u_mean[0, 0] > probe.u[0].abs().max()
+    # a last-token probe of the same data reads [:, 0] and cannot separate it
+    last = GateProbe.fit(mal, ben, (4,), C=0.7)
+    assert last.reads == "last" and last.u_mean is None
+    flat = last.scores(0, torch.cat([mal[4], ben[4]])).numpy()
+    assert ((flat > 0) == y).mean() < 0.75 < ((got.numpy() > 0) == y).mean()
+    path = probe.save(tmp_path / "probe.safetensors")
+    back, _ = GateProbe.load(path, layers=(4,), d_model=d)
+    assert back.reads == "last+mean" and torch.equal(back.u_mean, probe.u_mean)
+    with pytest.raises(ValueError, match="positions='last\\+mean'.*got shape \\(70, 5\\)"):
+        GateProbe.fit({4: mal[4][:, 0]}, {4: ben[4][:, 0]}, (4,), reads="last+mean")
+    with pytest.raises(ValueError, match="positions='last\\+mean'"):
+        probe.scores(0, mal[4][:, 0])
+    with pytest.raises(ValueError, match="reads must be"):
+        GateProbe.fit(mal, ben, (4,), reads="mean")  # type: ignore[arg-type]
+
+
+def test_last_plus_mean_gate_at_run_time_matches_the_cached_decisions(tiny) -> None:  # type: ignore[no-untyped-def]
+    """A gate that reads only the prompt mean: τ between the prompts' cached mean scores opens
+    for some prompts and not others; at run time the shut ones generate exactly vanilla's
+    answer and logits and the open ones are steered, so the hook's prompt mean is the cache's."""
+    d = int(tiny.cfg.d_model)
+    base = _steer(d, (1, 2), seed=7)
+    acts = cache_activations(tiny, PROMPTS, layers=[1, 2], positions="last+mean", progress=False)
+    by = {1: acts[1].double(), 2: acts[2].double()}
+    v = torch.randn(2, d, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    probe = GateProbe((1, 2), torch.zeros(2, d, dtype=torch.float64), torch.zeros(2), u_mean=v)
+    m = CalibratedAlphaSteer(base, probe=probe).layer_scores(by).max(1).values
+    torch.testing.assert_close(m, torch.maximum(by[1][:, 1] @ v[0], by[2][:, 1] @ v[1]))
+    lo, hi = sorted(m.tolist())[:2]
+    tau = (lo + hi) / 2
+    gated = CalibratedAlphaSteer(base, tau=(tau, tau), margin=0.0, probe=probe)
+    fired = gated.decisions(by).gt(0).any(1).tolist()
+    assert any(fired) and not all(fired)
+    vanilla = next_token_logits(tiny, PROMPTS, progress=False)
+    steered = next_token_logits(tiny, PROMPTS, steering=gated, strength=30.0, progress=False)
+    for i, f in enumerate(fired):
+        assert torch.equal(steered[i], vanilla[i]) != f
+    kw = {"steering": gated, "strength": 30.0, "max_new_tokens": 6, "progress": False}
+    assert generate(tiny, PROMPTS, use_kv_cache=True, **kw) == generate(
+        tiny, PROMPTS, use_kv_cache=False, **kw
+    )

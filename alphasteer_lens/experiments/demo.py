@@ -52,6 +52,7 @@ from alphasteer_lens.gates import (
     CalibratedAlphaSteer,
     Cast,
     GateProbe,
+    ProbeReads,
     fired,
     gate_histogram,
     gate_report,
@@ -101,10 +102,12 @@ class DemoConfig(RunConfig):
     (in gate-score units); ``gate``: what the gate reads, ``"probe"`` (a logistic probe of the
     fit sides, inverse regularisation ``probe_c``: a number, or ``"cv"`` to choose it by
     cross-validated log-loss on the fit sides alone, :meth:`GateProbe.select_c`) or ``"score"``
-    (AlphaSteer's ``h·w``). ``calibrated_strengths``: calibrated AlphaSteer's own λ grid, chosen
-    on validation data by AlphaSteer's rule (its gate keeps most benign prompts unsteered, so it
-    may afford a larger λ). ``n_pca_per_column``: prompts of each test column in the PCA view
-    ``pca_gated`` (0: no view).
+    (AlphaSteer's ``h·w``); ``probe_reads``: what the probe reads at each steered layer, the
+    last prompt token or ``"last+mean"`` (and the mean over the prompt's tokens; the fit sides
+    are then cached once more to keep their means). ``calibrated_strengths``: calibrated
+    AlphaSteer's own λ grid, chosen on validation data by AlphaSteer's rule (its gate keeps most
+    benign prompts unsteered, so it may afford a larger λ). ``n_pca_per_column``: prompts of
+    each test column in the PCA view ``pca_gated`` (0: no view).
     """
 
     n_harmful_test: int | None = None
@@ -118,6 +121,7 @@ class DemoConfig(RunConfig):
     margin: float = 0.25
     gate: Literal["probe", "score"] = "probe"
     probe_c: float | Literal["cv"] = "cv"
+    probe_reads: ProbeReads = "last"
     calibrated_strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     n_pca_per_column: int = 40
     jailbreak_split: Literal["family", "wrapping"] = "family"
@@ -247,7 +251,8 @@ def fit_context(rs: RobustSets, model: Any, fmt: Any, room: int) -> RobustSets:
 def _fit_sides(
     model: Any, sp: R.Splits, rs: RobustSets, layers: list[int], kw: dict[str, Any]
 ) -> tuple[dict[int, Any], dict[int, Any]]:
-    """AlphaSteer's two fit sides ``{layer: [n, d]}`` again (a resumed run did not keep them)."""
+    """AlphaSteer's two fit sides ``{layer: [n, d]}`` again (a resumed run did not keep them;
+    ``kw["positions"]`` may ask for more than the fit's last token)."""
     sides = []
     for parts in ((sp.harmful_train, rs.fit_malicious), (sp.benign_train, rs.fit_benign)):
         acts = [
@@ -338,22 +343,28 @@ def run_demo(
 
     # The gates: τ from held-out benign calibration prompts; CAST's threshold by F1 on validation.
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "prompt_format": fmt, "progress": progress}
-    cal = cache_activations(model, list(rs.calibration), layers=layers, desc="calibration", **kw)
+    reads = cfg.probe_reads if cfg.gate == "probe" else "last"
+    kw_gate = kw | {"positions": reads}  # what the gate reads: the last token, and the mean
+    cal = cache_activations(
+        model, list(rs.calibration), layers=layers, desc="calibration", **kw_gate
+    )
     probe: GateProbe | None = None
     probe_cv: dict[str, float] | None = None
     probe_file = out / PROBE
     if cfg.gate == "probe" and resume and probe_file.exists():  # reused bit for bit
         probe, cv = GateProbe.load(probe_file, layers=layers, d_model=model.cfg.d_model)
         probe_cv = cv or None
-        if cfg.probe_c != "cv" and float(cfg.probe_c) != probe.C:
-            probe = None  # the config now asks for another C: fit again
+        if (cfg.probe_c != "cv" and float(cfg.probe_c) != probe.C) or probe.reads != reads:
+            probe = None  # the config now asks for another C or reading: fit again
     if cfg.gate == "probe" and probe is None:
-        sides_fit = fit_sides or _fit_sides(model, sp, rs, layers, kw)
+        sides_fit = (fit_sides if reads == "last" else None) or _fit_sides(
+            model, sp, rs, layers, kw_gate
+        )
         probe_c, probe_cv = cfg.probe_c, None
         if probe_c == "cv":
-            probe_c, table = GateProbe.select_c(*sides_fit, layers, seed=cfg.seed)
+            probe_c, table = GateProbe.select_c(*sides_fit, layers, seed=cfg.seed, reads=reads)
             probe_cv = table.groupby("C").log_loss.mean().rename(str).to_dict()
-        probe = GateProbe.fit(*sides_fit, layers, C=float(probe_c), seed=cfg.seed)
+        probe = GateProbe.fit(*sides_fit, layers, C=float(probe_c), seed=cfg.seed, reads=reads)
         probe.save(probe_file, cv_log_loss=probe_cv)
     cal_acts = {x: t.double() for x, t in cal.by_layer().items()}
     gated = CalibratedAlphaSteer(steer_a, margin=cfg.margin, probe=probe).calibrate_activations(
@@ -410,7 +421,7 @@ def run_demo(
     }
     test_acts = {
         col: {x: t.double() for x, t in cache_activations(
-            model, list(ps), layers=layers, desc=f"test {col}", **kw).by_layer().items()}
+            model, list(ps), layers=layers, desc=f"test {col}", **kw_gate).by_layer().items()}
         for col, ps in columns.items()
     }  # fmt: skip
     # Which test prompts the calibrated gate opens for, per layer, and the score histograms.
@@ -501,6 +512,7 @@ def run_demo(
             "cast_f1": cast.f1,
             "kind": cfg.gate,
             "probe_c": probe.C if probe is not None else None,
+            "probe_reads": probe.reads if probe is not None else None,
             "probe_c_how": (
                 None if probe is None else "given" if probe_cv is None else "cv on the fit sides"
             ),

@@ -14,7 +14,8 @@ wrapping family), ``compare`` (trade-off table), ``scans`` (refusal rate
 per condition and prompt set), ``scans_classifier`` (the transition classifier on each test),
 ``scans_anchoring`` (the vocabulary-projection segments), ``audit`` (refusal and margin per
 vector and condition), ``search_recheck`` (the search's re-checked points in four columns) and
-``search_pareto`` (its Pareto front).
+``search_pareto`` (its Pareto front) and ``probe_features`` (the gate-probe study,
+``benchmarks/study_probe_features.py``).
 """
 
 from __future__ import annotations
@@ -165,6 +166,20 @@ def search_pareto_table(report: dict[str, Any]) -> str:
     return markdown_table(df[[c for c in PARETO_COLUMNS if c in df.columns]], index=False)
 
 
+PROBE_COLUMNS = (
+    "variant", "C", "tau", "val_harmful", "lofo_jailbreak", "cv_false_steer_plain",
+    "cv_false_steer_sensitive", "test_harmful_test", "test_jailbreak_test", "test_mt_bench",
+    "test_sensitive_test",
+)  # fmt: skip
+
+
+def probe_features_table(report: dict[str, Any]) -> str:
+    """The gate-probe study: what each probe variant's gate opens for, on validation data
+    (``val_*``, ``lofo_*``, ``cv_*``) and, reported only, on the test columns (``test_*``)."""
+    df = pd.DataFrame(report["rows"])
+    return markdown_table(df[[c for c in PROBE_COLUMNS if c in df.columns]], index=False)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "audit": audit_table,
     "demo": demo_table,
@@ -175,6 +190,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "scans_anchoring": scans_anchoring_table,
     "search_recheck": search_recheck_table,
     "search_pareto": search_pareto_table,
+    "probe_features": probe_features_table,
 }
 
 
