@@ -523,6 +523,9 @@ def browser_path() -> str | None:
     return Chromium.find_browser(skip_local=False)
 
 
+PNG_TRIES = 3  # kaleido errors (a browser tab that did not start) are retried this often
+
+
 def save_figure(
     fig: go.Figure,
     path_stem: str | Path,
@@ -561,6 +564,12 @@ def save_figure(
         out = stem.with_name(stem.name + ".png")
         width = fig.layout.width or 900
         height = fig.layout.height or 600
-        fig.write_image(out, format="png", width=width, height=height, scale=scale)
+        for attempt in range(PNG_TRIES):
+            try:
+                fig.write_image(out, format="png", width=width, height=height, scale=scale)
+                break
+            except Exception as e:  # kaleido's browser tab sometimes fails to start under load
+                if attempt == PNG_TRIES - 1 or not type(e).__module__.startswith("kaleido"):
+                    raise
         written.append(out)
     return written

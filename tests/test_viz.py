@@ -255,3 +255,43 @@ def test_save_figure_png(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert (width, height) == (fig.layout.width, fig.layout.height)
+
+
+def test_save_figure_retries_a_failed_browser_tab_but_not_other_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kaleido error (its browser tab did not start: seen once under a loaded CPU) is retried
+    and the PNG written; after ``PNG_TRIES`` failures, or on any other error, it is raised."""
+    kaleido_error = type("JavascriptError", (Exception,), {"__module__": "kaleido._errors"})
+    calls: list[int] = []
+
+    def flaky(self: go.Figure, path: Path, **kw: object) -> None:
+        calls.append(1)
+        if len(calls) < 2:
+            raise kaleido_error("ReferenceError: kaleido_scopes is not defined")
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(viz, "browser_path", lambda: "/usr/bin/chromium")
+    monkeypatch.setattr(go.Figure, "write_image", flaky)
+    written = viz.save_figure(go.Figure(), tmp_path / "a", png=True)
+    assert len(calls) == 2 and written[-1].read_bytes() == b"png"
+
+    def always(self: go.Figure, path: Path, **kw: object) -> None:
+        calls.append(1)
+        raise kaleido_error("still broken")
+
+    calls.clear()
+    monkeypatch.setattr(go.Figure, "write_image", always)
+    with pytest.raises(kaleido_error, match="still broken"):
+        viz.save_figure(go.Figure(), tmp_path / "b", png=True)
+    assert len(calls) == viz.PNG_TRIES
+
+    def other(self: go.Figure, path: Path, **kw: object) -> None:
+        calls.append(1)
+        raise ValueError("bad figure")
+
+    calls.clear()
+    monkeypatch.setattr(go.Figure, "write_image", other)
+    with pytest.raises(ValueError, match="bad figure"):
+        viz.save_figure(go.Figure(), tmp_path / "c", png=True)
+    assert len(calls) == 1
