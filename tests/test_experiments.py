@@ -101,6 +101,7 @@ def test_build_config_precedence(tmp_path: Path) -> None:
         ("probe_c = 0\n", "probe_c must be 'cv' or a finite number > 0"),
         ("calibrated_strengths = []\n", "calibrated_strengths must be non-empty and >= 0"),
         ("calibrated_strengths = [1, -2]\n", "calibrated_strengths must be non-empty and >= 0"),
+        ('probe_reads = "mean"\n', "'probe_reads' must be 'last' or 'last+mean', got 'mean'"),
         ("probe_c = inf\n", "probe_c must be 'cv' or a finite number > 0"),
         ('probe_c = "auto"\n', "config field 'probe_c' must be float or 'cv'"),
         (
