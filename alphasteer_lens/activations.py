@@ -356,13 +356,10 @@ def cache_activations(
     lengths = [len(p) for p in prompts]  # characters: a cheap proxy for token length
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     d_model = int(model.cfg.d_model)
-    width = (
-        1
-        if pos in ("last", "mean")
-        else 2
-        if pos == "last+mean"
-        else (len(pos) if isinstance(pos, tuple) else 64 + max(lengths) // 3)
-    )
+    if isinstance(pos, tuple):
+        width = len(pos)
+    else:
+        width = {"last": 1, "mean": 1, "last+mean": 2}.get(pos, 64 + max(lengths) // 3)
     _check_resources(len(prompts), width, d_model, len(names), path.parent if path else None)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     masks: list[Tensor] = []
