@@ -35,8 +35,21 @@ from alphasteer_lens.passes import Positions
 from alphasteer_lens.sources import cache_dir
 from alphasteer_lens.storage import atomic_save_safetensors, load_safetensors_checked
 
-__all__ = ["RESID_PRE", "Activations", "Positions", "cache_activations", "layer_of"]
+__all__ = ["RESID_PRE", "Activations", "Positions", "cache_activations", "last_token", "layer_of"]
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def last_token(h: Tensor) -> Tensor:
+    """The last-token rows of cached activations: ``h`` itself for ``[n, d]``, ``h[:, 0]`` for
+    the ``[n, 2, d]`` (last token, prompt mean) of ``cache_activations(positions="last+mean")``."""
+    if h.ndim == 3 and h.shape[1] == 2:
+        return h[:, 0]
+    if h.ndim != 2:
+        raise ValueError(
+            f"activations must be [n, d] (last token) or [n, 2, d] (last token, prompt mean), "
+            f"got shape {tuple(h.shape)}"
+        )
+    return h
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,17 @@ class Activations(Mapping[str, Tensor]):
         return replace(
             self, tensors={k: t[idx] for k, t in self.tensors.items()}, attention_mask=mask
         )
+
+    def last_token(self) -> Activations:
+        """The last-token view (``[n, d]`` per hook) of "last" or "last+mean" activations."""
+        if self.positions == "last":
+            return self
+        if self.positions != "last+mean":
+            raise ValueError(
+                f"last_token() needs positions 'last' or 'last+mean', not {self.positions!r}"
+            )
+        tensors = {k: last_token(t) for k, t in self.tensors.items()}
+        return replace(self, tensors=tensors, positions="last")
 
     @classmethod
     def from_cache(

@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from alphasteer_lens.activations import last_token
 from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.hookpoints import RESID_PRE, check_template, hook_name
 
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 GateMode = Literal["prompt", "layer"]
 ProbeReads = Literal["last", "last+mean"]
 TooFew = Literal["warn", "raise", "ignore"]
+GatedSteer = Literal["alphasteer", "actadd"]
 
 __all__ = [
     "CalibratedAlphaSteer",
@@ -192,19 +194,6 @@ def _scores_matrix(
 
 
 PROBE_C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
-def last_token(h: Tensor) -> Tensor:
-    """The last-token rows of cached activations: ``h`` itself for ``[n, d]``, ``h[:, 0]`` for
-    the ``[n, 2, d]`` (last token, prompt mean) of ``cache_activations(positions="last+mean")``."""
-    if h.ndim == 3 and h.shape[1] == 2:
-        return h[:, 0]
-    if h.ndim != 2:
-        raise ValueError(
-            f"activations must be [n, d] (last token) or [n, 2, d] (last token, prompt mean), "
-            f"got shape {tuple(h.shape)}"
-        )
-    return h
 
 
 def _features(h: Tensor, reads: ProbeReads, who: str) -> Tensor:
@@ -457,7 +446,9 @@ class CalibratedAlphaSteer:
     is the width of the linear ramp above τ (0: a hard step). ``eps`` and ``n_calibration`` record
     how τ was made; ``scale`` divides each layer's score before gating (default 1: AlphaSteer's fit
     already maps malicious prompts to ≈ 1 at every layer). ``probe``: a :class:`GateProbe` whose
-    logit is the gate score instead of ``s_l`` (the steering stays ``s_l · r_l``).
+    logit is the gate score instead of ``s_l``. ``steer``: what an open gate adds, AlphaSteer's
+    ``g · s_l · r_l`` (default) or ``"actadd"``: ``g · r_l``, ActAdd of AlphaSteer's refusal
+    directions behind the same calibrated gate (the gate, τ and its guarantee are unchanged).
     """
 
     base: AlphaSteer
@@ -468,11 +459,14 @@ class CalibratedAlphaSteer:
     n_calibration: int = 0
     scale: tuple[float, ...] | None = None
     probe: GateProbe | None = None
+    steer: GatedSteer = "alphasteer"
     default_positions: ClassVar[str] = "prompt"
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, AlphaSteer):
             raise ValueError(f"base must be an AlphaSteer, got {type(self.base).__name__}")
+        if self.steer not in ("alphasteer", "actadd"):
+            raise ValueError(f"steer must be 'alphasteer' or 'actadd', got {self.steer!r}")
         if self.mode not in ("prompt", "layer"):
             raise ValueError(f"mode must be 'prompt' or 'layer', got {self.mode!r}")
         if not (math.isfinite(self.margin) and self.margin >= 0):
@@ -649,10 +643,10 @@ class CalibratedAlphaSteer:
 
     # Runtime.
     def delta(self, i: int, h: Float[Tensor, "batch pos d_model"], state: Any) -> Tensor:
-        """``g_i · s_i · r_i`` for every position (the runtime applies λ and the mask). During
-        the prefill each layer reads ``s_i`` at the last prompt token, forms the gate score (the
-        running max with the previous layer's, kept in ``state.memo``) and keeps ``g_i · s_i``
-        for the decode steps."""
+        """``g_i · s_i · r_i`` (``steer="actadd"``: ``g_i · r_i``) for every position (the
+        runtime applies λ and the mask). During the prefill each layer reads ``s_i`` at the last
+        prompt token, forms the gate score (the running max with the previous layer's, kept in
+        ``state.memo``) and keeps ``g_i · s_i`` for the decode steps."""
         key = ("calibrated_alphasteer", id(self), i)
         last = state.last_prompt(h)
         if last is not None:
@@ -675,7 +669,7 @@ class CalibratedAlphaSteer:
                 m = torch.maximum(m, before.to(m.device))
             state.memo[("calibrated_alphasteer_max", id(self), i)] = m
             g = self.gate(m, i)
-            state.memo[key] = (g * s).to(torch.float32)
+            state.memo[key] = (g * s if self.steer == "alphasteer" else g).to(torch.float32)
         elif key not in state.memo:
             raise RuntimeError(
                 "CalibratedAlphaSteer: a decode step came before any prefill of its prompt"

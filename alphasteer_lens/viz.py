@@ -39,6 +39,7 @@ METHOD_NAMES = {
     "alphasteer": "AlphaSteer",
     "alphasteer_calibrated": "Calibrated AlphaSteer",
     "actadd": "ActAdd",
+    "actadd_calibrated": "Calibrated ActAdd",
     "ablation": "Ablation",
     "cast": "CAST",
 }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from alphasteer_lens.experiments import recipe
 from alphasteer_lens.experiments.cli import main, report_differences
@@ -309,7 +310,7 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
         assert n == (gens[(gens.method == method)].set == "jailbreak").sum()
         rate = sum(c["n"] * c["refusal_rate"] for c in cells.values()) / n
         assert rate == pytest.approx(report["methods"][method]["jailbreak_refusal_rate"])
-        gated = method in ("cast", "alphasteer_calibrated")
+        gated = method in ("cast", "actadd_calibrated", "alphasteer_calibrated")
         assert all(("steered_fraction" in c) == gated for c in cells.values())
     shut = set(gates[gates.set.isin(["benign", "sensitive"]) & ~gates.fired_prompt].prompt)
     benign = pts[(pts.label == "benign") & pts.prompt.isin(shut)].set_index(
@@ -376,26 +377,61 @@ def test_demo_figures_and_rerun_on_a_tiny_qwen2(
     assert (figs / "data" / "layer_sweep_logit.csv").exists() and (figs / "manifest.json").exists()
 
 
-def test_demo_gate_probe_reading_the_prompt_mean_on_a_tiny_qwen2(
-    tiny_dir: Path, short_data: Path, tmp_path: Path
+def test_recipe_fit_reading_the_prompt_mean_fits_the_same_alphasteer(
+    tiny_dir: Path, short_data: Path
 ) -> None:
-    """``probe_reads = "last+mean"``: the probe is fitted on the fit sides' last-token and
-    prompt-mean activations, saved with ``u_mean``, and the report's steered fractions are the
-    gate report's (cached decisions from the same two readings)."""
+    """``fit(positions="last+mean")`` caches each prompt's mean in the same passes: the refusal
+    directions and AlphaSteer are bit-identical to the last-token fit's, and the fit sides hold
+    ``[n, 2, d]`` whose first reading is the last-token side and whose second is the mean."""
+    from alphasteer_lens.experiments import recipe as R
+    from alphasteer_lens.experiments.config import RunConfig
+
+    cfg = RunConfig(model=str(tiny_dir), data_dir=str(short_data), layers=(1, 2), batch_size=16)
+    model, fmt = R.load(cfg)
+    sp = R.splits(R.preflight(cfg), cfg, model=model, fmt=fmt)
+    extra = sp.benign_val
+    last, wide = (
+        R.fit(model, sp, cfg, fmt, extra_benign=extra, positions=p, progress=False)
+        for p in ("last", "last+mean")
+    )
+    assert torch.equal(last.alphasteer.w, wide.alphasteer.w)
+    assert last.alphasteer.leakage == wide.alphasteer.leakage
+    for x in (1, 2):
+        assert torch.equal(last.refusal[x], wide.refusal[x])
+        assert torch.equal(last.harmful[x], wide.harmful[x])
+        for side in ("fit_benign", "fit_malicious"):
+            a, b = getattr(last, side)[x], getattr(wide, side)[x]
+            assert b.shape == (a.shape[0], 2, a.shape[1]) and torch.equal(b[:, 0], a)
+            assert not torch.allclose(b[:, 1], a)  # the mean is not the last token
+
+
+@pytest.mark.parametrize("reads", ["last", "last+mean"])
+def test_demo_gate_probe_readings_on_a_tiny_qwen2(
+    tiny_dir: Path, short_data: Path, tmp_path: Path, reads: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``probe_reads``: the probe is fitted on the fit sides' last-token (and, for "last+mean",
+    the default, prompt-mean) activations, saved with ``u_mean`` when it reads the mean, and the
+    report's steered fractions are the gate report's (cached decisions from the same readings)."""
     from safetensors import safe_open
 
+    from alphasteer_lens.experiments import demo
+
+    def cached_again(*args: object) -> None:
+        raise AssertionError("a fresh run's probe must reuse the fit's own activations")
+
+    monkeypatch.setattr(demo, "_fit_sides", cached_again)
     toml = tmp_path / "mean.toml"
     toml.write_text(
         SMALL + "n_harmful_test = 6\nn_benign_test = 6\neps = 0.25\nn_pca_per_column = 0\n"
-        'probe_reads = "last+mean"\nprobe_c = 0.3\n'
+        f'probe_reads = "{reads}"\nprobe_c = 0.3\n'
     )
     out = tmp_path / "demo"
     argv = ["demo", "--model", str(tiny_dir), "--quick", "--data", str(short_data)]
     assert main([*argv, "--config", str(toml), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["gate"]["probe_reads"] == "last+mean" and report["gate"]["probe_c"] == 0.3
+    assert report["gate"]["probe_reads"] == reads and report["gate"]["probe_c"] == 0.3
     with safe_open(str(out / "gate_probe.safetensors"), "pt") as f:
-        assert sorted(f.keys()) == ["b", "u", "u_mean"]
+        assert sorted(f.keys()) == ["b", "u"] + (["u_mean"] if reads == "last+mean" else [])
     gates = pd.read_csv(out / "gates.csv")
     for col in ("harmful", "benign"):
         steered = gates[gates.set == col].groupby("index").fired_prompt.first().mean()

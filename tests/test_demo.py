@@ -12,7 +12,8 @@ from alphasteer_lens.artifacts import load_steering
 from alphasteer_lens.experiments.demo import COLUMNS, DemoConfig, run_demo
 from alphasteer_lens.gates import PROBE_C_GRID
 
-METHODS = {"vanilla", "actadd", "cast", "alphasteer", "alphasteer_calibrated"}
+METHODS = {"vanilla", "actadd", "cast", "actadd_calibrated", "alphasteer", "alphasteer_calibrated"}
+GATED = ("cast", "actadd_calibrated", "alphasteer_calibrated")
 
 
 @pytest.mark.smollm
@@ -27,7 +28,7 @@ def test_demo_quick_end_to_end(tmp_path: Path, smollm) -> None:  # type: ignore[
             assert isinstance(m[f"{col}_refusal_score"], float)
     vanilla = on_disk["methods"]["vanilla"]
     assert vanilla["benign_unchanged_fraction"] == vanilla["sensitive_unchanged_fraction"] == 1.0
-    for gated in ("cast", "alphasteer_calibrated"):
+    for gated in GATED:
         for col in COLUMNS:
             assert 0.0 <= on_disk["methods"][gated][f"{col}_steered_fraction"] <= 1.0
     gate = on_disk["gate"]
@@ -49,7 +50,7 @@ def test_demo_quick_end_to_end(tmp_path: Path, smollm) -> None:  # type: ignore[
     # generated again, steered.
     gens = pd.read_csv(tmp_path / "generations.csv", keep_default_na=False)
     base = gens[gens.method == "vanilla"].set_index(["set", "prompt"]).completion
-    for gated in ("cast", "alphasteer_calibrated"):
+    for gated in GATED:
         rows = gens[(gens.method == gated) & (gens.steered.astype(str) == "False")]
         if gated == "alphasteer_calibrated":  # ε = 2%: most benign prompts stay unsteered
             assert len(rows) > 0, f"{gated} steered every prompt"

@@ -560,3 +560,39 @@ def test_last_plus_mean_gate_at_run_time_matches_the_cached_decisions(tiny) -> N
     assert generate(tiny, PROMPTS, use_kv_cache=True, **kw) == generate(
         tiny, PROMPTS, use_kv_cache=False, **kw
     )
+
+
+def test_gated_actadd_adds_the_refusal_direction_behind_the_same_gate(tiny) -> None:  # type: ignore[no-untyped-def]
+    """``steer="actadd"``: the same calibrated gate, but an open prompt gets ActAdd of the
+    refusal directions (``λ·r_l``) instead of AlphaSteer's ``λ·s_l·r_l``: its logits are
+    ActAdd's, a shut prompt's are vanilla's, and the fired set is the AlphaSteer gate's."""
+    from dataclasses import replace
+
+    from alphasteer_lens.steering import ActAdd
+
+    d = int(tiny.cfg.d_model)
+    base = _steer(d, (1, 2), seed=3)
+    acts = cache_activations(tiny, PROMPTS, layers=[1, 2], progress=False)
+    by = {1: acts[1].double(), 2: acts[2].double()}
+    m = CalibratedAlphaSteer(base).layer_scores(by).max(1).values
+    tau = sum(sorted(m.tolist())[:2]) / 2
+    gated = CalibratedAlphaSteer(base, tau=(tau, tau), margin=0.0)
+    as_actadd = replace(gated, steer="actadd")
+    open_at = as_actadd.decisions(by).gt(0)  # [prompt, layer]: open from its first firing on
+    assert torch.equal(open_at, gated.decisions(by).gt(0))
+    fired = open_at.any(1).tolist()
+    assert any(fired) and not all(fired)
+    kw = {"strength": 4.0, "progress": False}
+    vanilla = next_token_logits(tiny, PROMPTS, progress=False)
+    alpha = next_token_logits(tiny, PROMPTS, steering=gated, **kw)
+    got = next_token_logits(tiny, PROMPTS, steering=as_actadd, **kw)
+    for i, f in enumerate(fired):
+        assert torch.equal(got[i], vanilla[i]) != f
+        if f:  # ActAdd at the layers this prompt's gate is open at
+            rows = open_at[i].nonzero().flatten().tolist()
+            plain = ActAdd(tuple((1, 2)[j] for j in rows), base.r[rows])
+            actadd = next_token_logits(tiny, PROMPTS, steering=plain, **kw)
+            torch.testing.assert_close(got[i], actadd[i])
+            assert not torch.allclose(got[i], alpha[i])  # not AlphaSteer's s·r
+    with pytest.raises(ValueError, match="steer must be 'alphasteer' or 'actadd', got 'cast'"):
+        replace(gated, steer="cast")

@@ -1,5 +1,5 @@
-"""The demo: AlphaSteer vs calibrated AlphaSteer vs ActAdd vs CAST vs vanilla on any model,
-measured end to end in four columns.
+"""The demo: AlphaSteer vs calibrated AlphaSteer vs ActAdd vs CAST vs calibrated ActAdd vs
+vanilla on any model, measured end to end in four columns.
 
 Steps (:mod:`~alphasteer_lens.experiments.recipe`): seeded splits; last-token ``resid_pre``
 activations; the refusal direction; the steered layers (given, or chosen on validation data);
@@ -11,7 +11,9 @@ harm and sensitive-but-safe prompts included) or on AlphaSteer's own score ``h·
 (``gate="score"``), with τ set by split conformal on held-out benign prompts (built-in benign
 validation prompts that did not choose λ, and the sensitive calibration parts) for a false-steer
 rate ε; CAST gates ActAdd at its λ on the cosine with a condition direction, threshold by F1 on
-validation data. Then λ is chosen on the validation sets with the first-token refusal score
+validation data; calibrated ActAdd puts ActAdd at its λ behind calibrated AlphaSteer's gate (same
+probe, same τ: what the gate alone does with a steering that does not weaken on wrapped prompts).
+Then λ is chosen on the validation sets with the first-token refusal score
 (AlphaSteer, and calibrated AlphaSteer on its own grid: most harmful refusal with a bounded
 benign rise; ActAdd, and CAST with it: matching AlphaSteer's harmful refusal). Every method
 generates greedily on the four held-out test columns, judged by the keyword judge: ``harmful``
@@ -103,11 +105,12 @@ class DemoConfig(RunConfig):
     fit sides, inverse regularisation ``probe_c``: a number, or ``"cv"`` to choose it by
     cross-validated log-loss on the fit sides alone, :meth:`GateProbe.select_c`) or ``"score"``
     (AlphaSteer's ``h·w``); ``probe_reads``: what the probe reads at each steered layer, the
-    last prompt token or ``"last+mean"`` (and the mean over the prompt's tokens; the fit sides
-    are then cached once more to keep their means). ``calibrated_strengths``: calibrated
-    AlphaSteer's own λ grid, chosen on validation data by AlphaSteer's rule (its gate keeps most
-    benign prompts unsteered, so it may afford a larger λ). ``n_pca_per_column``: prompts of
-    each test column in the PCA view ``pca_gated`` (0: no view).
+    last prompt token, or ``"last+mean"`` (default: and the mean over the prompt's tokens, read
+    in the same passes; ``benchmarks/study_probe_features.py`` chose it on validation data).
+    ``calibrated_strengths``: calibrated AlphaSteer's own λ grid, chosen on validation data by
+    AlphaSteer's rule (its gate keeps most benign prompts unsteered, so it may afford a larger
+    λ). ``n_pca_per_column``: prompts of each test column in the PCA view ``pca_gated`` (0: no
+    view).
     """
 
     n_harmful_test: int | None = None
@@ -121,7 +124,7 @@ class DemoConfig(RunConfig):
     margin: float = 0.25
     gate: Literal["probe", "score"] = "probe"
     probe_c: float | Literal["cv"] = "cv"
-    probe_reads: ProbeReads = "last"
+    probe_reads: ProbeReads = "last+mean"
     calibrated_strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
     n_pca_per_column: int = 40
     jailbreak_split: Literal["family", "wrapping"] = "family"
@@ -309,6 +312,7 @@ def run_demo(
 
     manifest(None)
     artifact = out / ARTIFACT
+    reads = cfg.probe_reads if cfg.gate == "probe" else "last"  # what the gate's probe reads
     saved: dict[str, Any] = {}
     fit_acts: dict[str, Any] = {}
     fit_sides: tuple[dict[int, Any], dict[int, Any]] | None = None
@@ -323,7 +327,7 @@ def run_demo(
     else:
         fitted = R.fit(
             model, sp, cfg, fmt, extra_benign=rs.fit_benign, extra_malicious=rs.fit_malicious,
-            progress=progress,
+            positions=reads, progress=progress,
         )  # fmt: skip
         steer_a, layers = fitted.alphasteer, fitted.layers
         fit_acts = {"harmful": fitted.harmful, "benign": fitted.benign}
@@ -343,7 +347,6 @@ def run_demo(
 
     # The gates: τ from held-out benign calibration prompts; CAST's threshold by F1 on validation.
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "prompt_format": fmt, "progress": progress}
-    reads = cfg.probe_reads if cfg.gate == "probe" else "last"
     kw_gate = kw | {"positions": reads}  # what the gate reads: the last token, and the mean
     cal = cache_activations(
         model, list(rs.calibration), layers=layers, desc="calibration", **kw_gate
@@ -357,9 +360,7 @@ def run_demo(
         if (cfg.probe_c != "cv" and float(cfg.probe_c) != probe.C) or probe.reads != reads:
             probe = None  # the config now asks for another C or reading: fit again
     if cfg.gate == "probe" and probe is None:
-        sides_fit = (fit_sides if reads == "last" else None) or _fit_sides(
-            model, sp, rs, layers, kw_gate
-        )
+        sides_fit = fit_sides or _fit_sides(model, sp, rs, layers, kw_gate)
         probe_c, probe_cv = cfg.probe_c, None
         if probe_c == "cv":
             probe_c, table = GateProbe.select_c(*sides_fit, layers, seed=cfg.seed, reads=reads)
@@ -436,6 +437,7 @@ def run_demo(
         "vanilla": (None, 0.0),
         "actadd": (actadd, lam_act),
         "cast": (cast, lam_act),
+        "actadd_calibrated": (replace(gated, steer="actadd"), lam_act),
         "alphasteer": (steer_a, lam_a),
         "alphasteer_calibrated": (gated, lam_g),
     }

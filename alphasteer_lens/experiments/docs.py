@@ -35,7 +35,14 @@ BLOCK = re.compile(
     r"(<!-- generated: (?P<kind>\w+) (?P<report>\S+) -->\n)(?P<body>.*?)(<!-- end generated -->)",
     re.S,
 )
-DEMO_METHODS = ("vanilla", "actadd", "cast", "alphasteer", "alphasteer_calibrated")
+DEMO_METHODS = (
+    "vanilla",
+    "actadd",
+    "cast",
+    "actadd_calibrated",
+    "alphasteer",
+    "alphasteer_calibrated",
+)
 DEMO_COLUMNS = (
     "strength",
     "harmful_refusal_rate",

@@ -14,13 +14,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from alphasteer_lens.activations import Activations, cache_activations
+from alphasteer_lens.activations import Activations, cache_activations, last_token
 from alphasteer_lens.alphasteer import AlphaSteer
 from alphasteer_lens.directions import diff_in_means, refused_minus_complied
 from alphasteer_lens.experiments.config import ConfigError, RunConfig
@@ -225,7 +225,8 @@ class Fit:
     """What the recipe fitted: layers (and how chosen), activations at every cached layer,
     refusal directions, AlphaSteer, ActAdd of the same directions at the same layers;
     ``fit_benign``/``fit_malicious``: AlphaSteer's two fit sides ``{layer: [n, d]}`` (the plain
-    sets plus ``extra_benign``/``extra_malicious``)."""
+    sets plus ``extra_benign``/``extra_malicious``; ``[n, 2, d]`` with the prompt means when
+    :func:`fit` cached ``positions="last+mean"``)."""
 
     choice: LayerChoice
     benign: Activations
@@ -290,6 +291,7 @@ def fit(
     extra_benign: PromptSet | None = None,
     extra_malicious: PromptSet | None = None,
     cache: bool | Path = False,
+    positions: Literal["last", "last+mean"] = "last",
     progress: bool = True,
 ) -> Fit:
     """Choose the layers if none are given (:func:`select_layers`), cache activations at the
@@ -298,7 +300,9 @@ def fit(
     ``extra_benign`` (e.g. sensitive-but-safe prompts) joins the benign side of the AlphaSteer
     fit (its null space) and ``extra_malicious`` (e.g. jailbreak-wrapped requests) its
     malicious side; neither enters the refusal direction, which stays plain harmful vs
-    (length-matched) benign."""
+    (length-matched) benign. ``positions="last+mean"`` caches each prompt's mean with its last
+    token in the same pass: the fit reads the last token, and ``Fit.fit_benign`` /
+    ``fit_malicious`` keep both (``[n, 2, d]``) for a gate probe that reads the mean."""
     if cfg.layers is not None:
         choice = LayerChoice(tuple(cfg.layers), "given")
     else:
@@ -307,10 +311,11 @@ def fit(
     need = sorted(set(layers) | set(extra_layers))
     kw: dict[str, Any] = {
         "layers": need, "batch_size": cfg.batch_size, "prompt_format": fmt, "cache": cache,
-        "progress": progress,
+        "positions": positions, "progress": progress,
     }  # fmt: skip
-    acts_b = cache_activations(model, list(sp.benign_train), desc="benign activations", **kw)
-    acts_h = cache_activations(model, list(sp.harmful_train), desc="harmful activations", **kw)
+    wide_b = cache_activations(model, list(sp.benign_train), desc="benign activations", **kw)
+    wide_h = cache_activations(model, list(sp.harmful_train), desc="harmful activations", **kw)
+    acts_b, acts_h = wide_b.last_token(), wide_h.last_token()
     dir_b = (
         acts_b.select(sp.benign_train.length_matched_indices(sp.harmful_train))
         if cfg.length_matched
@@ -330,7 +335,7 @@ def fit(
             **refusal,
             **{layer: refused_minus_complied(acts_h[layer], refused) for layer in layers},
         }
-    fit_b, fit_h = acts_b.by_layer(), acts_h.by_layer()
+    fit_b, fit_h = wide_b.by_layer(), wide_h.by_layer()
     for extra, side, what in (
         (extra_benign, fit_b, "benign"),
         (extra_malicious, fit_h, "malicious"),
@@ -340,8 +345,10 @@ def fit(
             for layer in need:
                 side[layer] = torch.cat([side[layer], more[layer].to(side[layer].dtype)])
     alphasteer = AlphaSteer.fit(
-        fit_b, fit_h, refusal, layers=layers, ratio=cfg.ratio, alpha=cfg.alpha
-    )
+        {x: last_token(t) for x, t in fit_b.items()},
+        {x: last_token(t) for x, t in fit_h.items()},
+        refusal, layers=layers, ratio=cfg.ratio, alpha=cfg.alpha,
+    )  # fmt: skip
     actadd = ActAdd(tuple(layers), torch.stack([refusal[layer] for layer in layers]))
     return Fit(
         choice, acts_b, acts_h, dir_b, refusal, alphasteer, actadd, refused_fraction, fit_b, fit_h
