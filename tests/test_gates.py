@@ -596,3 +596,32 @@ def test_gated_actadd_adds_the_refusal_direction_behind_the_same_gate(tiny) -> N
             assert not torch.allclose(got[i], alpha[i])  # not AlphaSteer's s·r
     with pytest.raises(ValueError, match="steer must be 'alphasteer' or 'actadd', got 'cast'"):
         replace(gated, steer="cast")
+
+
+def test_mean_reading_gate_on_right_padded_tokens_skips_the_pad_run() -> None:
+    """TransformerLens pads on the right and passes no mask: a gate that reads the prompt mean
+    must average each row over its own tokens only. Row 1's pad columns are set so that their
+    mean score is far above τ: counted, they would open its gate; skipped, it stays shut and its
+    activations come back bit-identical while row 0 gets ``s·r``."""
+    from alphasteer_lens.steering import SteeringRuntime
+
+    d, pad = 6, 0
+    base = _steer(d, (0,), seed=11)
+    tokens = torch.tensor([[5, 6, 7, 8], [5, 6, pad, pad]])
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(2, 4, d, generator=g)
+    v = torch.randn(1, d, generator=g, dtype=torch.float64)
+    means = torch.stack([h[0].mean(0), h[1, :2].mean(0)]).double()
+    if means[0] @ v[0] < means[1] @ v[0]:
+        v = -v  # row 0 scores higher
+    m = means @ v[0]
+    h[1, 2:] = (1e3 * v[0] / v[0].norm()).float()  # pad run: a huge score if it were averaged
+    probe = GateProbe((0,), torch.zeros(1, d, dtype=torch.float64), torch.zeros(1), u_mean=v)
+    tau = float(m.mean())
+    gated = CalibratedAlphaSteer(base, tau=(tau,), margin=0.0, probe=probe)
+    rt = SteeringRuntime(gated, 1.0, pad_id=pad, padding_side="right")
+    rt.begin_pass(tokens, None)
+    out = rt.apply("blocks.0.hook_resid_pre", h.clone())
+    assert torch.equal(out[1], h[1])  # shut: the pad run was not averaged in
+    s = h[0, -1] @ base.w[0]
+    torch.testing.assert_close(out[0], h[0] + s * base.r[0])
