@@ -132,7 +132,8 @@ class Activations(Mapping[str, Tensor]):
             return self
         if self.positions != "last+mean":
             raise ValueError(
-                f"last_token() needs positions 'last' or 'last+mean', not {self.positions!r}"
+                "last_token() needs activations cached with positions 'last' or 'last+mean'; "
+                f"these hold {self.positions!r}"
             )
         tensors = {k: last_token(t) for k, t in self.tensors.items()}
         return replace(self, tensors=tensors, positions="last")

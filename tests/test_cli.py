@@ -390,6 +390,10 @@ def test_recipe_fit_reading_the_prompt_mean_fits_the_same_alphasteer(
     model, fmt = R.load(cfg)
     sp = R.splits(R.preflight(cfg), cfg, model=model, fmt=fmt)
     extra = sp.benign_val
+    with pytest.raises(
+        ValueError, match="fit: positions must be 'last' or 'last\+mean', got 'mean'"
+    ):
+        R.fit(model, sp, cfg, fmt, positions="mean", progress=False)  # type: ignore[arg-type]
     last, wide = (
         R.fit(model, sp, cfg, fmt, extra_benign=extra, positions=p, progress=False)
         for p in ("last", "last+mean")
@@ -437,3 +441,14 @@ def test_demo_gate_probe_readings_on_a_tiny_qwen2(
         steered = gates[gates.set == col].groupby("index").fired_prompt.first().mean()
         assert steered == pytest.approx(report["methods"]["alphasteer_calibrated"][
             f"{col}_steered_fraction"])  # fmt: skip
+    # A resume under another reading refits the probe and sweeps λ again (the saved sweep was
+    # made with the old gate); under the same settings it reuses the sweep.
+    monkeypatch.undo()
+    other = "last" if reads == "last+mean" else "last+mean"
+    toml.write_text(toml.read_text().replace(f'"{reads}"', f'"{other}"'))
+    assert main([*argv, "--config", str(toml), "--out", str(out), "--resume"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["gate"]["probe_reads"] == other and "fit (resumed)" in again["timings"]
+    assert "validation_sweep" in again["timings"]  # swept again, not "(resumed)"
+    assert main([*argv, "--config", str(toml), "--out", str(out), "--resume"]) == 0
+    assert "validation_sweep (resumed)" in json.loads((out / "report.json").read_text())["timings"]

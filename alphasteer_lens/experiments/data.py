@@ -68,6 +68,10 @@ class Data:
     hf: dict[str, str] = field(default_factory=dict)
     _loaded: dict[str, P.PromptSet] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.root is not None:
+            self.root = Path(self.root)
+
     @classmethod
     def from_dir(cls, data_dir: str | Path | None, hf: dict[str, str] | None = None) -> Data:
         for spec in (hf or {}).values():

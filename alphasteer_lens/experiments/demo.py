@@ -82,6 +82,11 @@ from alphasteer_lens.viz import pca_figure, save_figure
 ARTIFACT = "alphasteer.safetensors"
 PROBE = "gate_probe.safetensors"
 CV_FOLDS = 5  # folds of the held-out false-steer check on the calibration prompts
+# What the saved λ sweep depends on beyond the fit: a resume with any of them changed sweeps again.
+SWEEP_SETTINGS = (
+    "strengths", "calibrated_strengths", "max_benign_rise", "gate", "probe_reads", "probe_c",
+    "eps", "margin",
+)  # fmt: skip
 
 
 COLUMNS = ("harmful", "jailbreak", "benign", "sensitive")
@@ -390,7 +395,8 @@ def run_demo(
 
     # λ on validation data: AlphaSteer's and calibrated AlphaSteer's (each the most harmful
     # refusal with a bounded benign rise), ActAdd's matching AlphaSteer's harmful refusal.
-    if "calibrated_strength" in saved:
+    sweep_settings = {k: cfg.to_dict()[k] for k in SWEEP_SETTINGS}
+    if "calibrated_strength" in saved and saved.get("sweep_settings") == sweep_settings:
         lam_a, lam_act = float(saved["strength"]), float(saved["actadd_strength"])
         lam_g = float(saved["calibrated_strength"])
         sweep = pd.DataFrame(saved["validation_sweep"])
@@ -410,6 +416,7 @@ def run_demo(
             "actadd_strength": lam_act,
             "calibrated_strength": lam_g,
             "validation_sweep": sweep.to_dict(orient="records"),
+            "sweep_settings": sweep_settings,
         }
         save_steering(steer_a, artifact, model=model, data_hashes=hashes, extra=saved)
         clock.lap("validation_sweep")

@@ -303,6 +303,8 @@ def fit(
     (length-matched) benign. ``positions="last+mean"`` caches each prompt's mean with its last
     token in the same pass: the fit reads the last token, and ``Fit.fit_benign`` /
     ``fit_malicious`` keep both (``[n, 2, d]``) for a gate probe that reads the mean."""
+    if positions not in ("last", "last+mean"):
+        raise ValueError(f"fit: positions must be 'last' or 'last+mean', got {positions!r}")
     if cfg.layers is not None:
         choice = LayerChoice(tuple(cfg.layers), "given")
     else:
