@@ -20,6 +20,8 @@ Two gates on the one steering runtime (:mod:`alphasteer_lens.steering`):
   also read the mean of the layer's input over the prompt's tokens (``reads="last+mean"``,
   fitted on ``cache_activations(positions="last+mean")``); the hook then takes that mean during
   the prefill, so cached and run-time gate scores are the same function of the same pass.
+  ``steer="actadd"`` keeps the gate and adds ``g · r_l`` instead (ActAdd of the refusal
+  directions behind the calibrated gate): the gate decides whether, ActAdd how much.
 - :class:`Cast`: the CAST baseline (IBM activation-steering, ICLR 2025): the cosine of ``h_last``
   with a condition direction at one condition layer, compared with a threshold chosen by F1 on a
   grid, switches ActAdd of the refusal vectors at the steered layers on or off for the prompt.

@@ -621,7 +621,12 @@ def summary_markdown(report: dict[str, Any]) -> str:
                 else ""
             )
             + f"; CAST at layer {report['gate']['cast_layer']}, threshold "
-            f"{report['gate']['cast_threshold']}.",
+            f"{report['gate']['cast_threshold']}"
+            + (
+                "; calibrated ActAdd: ActAdd at its λ behind calibrated AlphaSteer's gate and τ."
+                if "actadd_calibrated" in report["methods"]
+                else "."
+            ),
             "Data (name: prompts): "
             + ", ".join(f"{k}: {v}" for k, v in report["data"].items())
             + ".",

@@ -14,8 +14,9 @@ wrapping family), ``compare`` (trade-off table), ``scans`` (refusal rate
 per condition and prompt set), ``scans_classifier`` (the transition classifier on each test),
 ``scans_anchoring`` (the vocabulary-projection segments), ``audit`` (refusal and margin per
 vector and condition), ``search_recheck`` (the search's re-checked points in four columns) and
-``search_pareto`` (its Pareto front) and ``probe_features`` (the gate-probe study,
-``benchmarks/study_probe_features.py``).
+``search_pareto`` (its Pareto front), ``probe_features`` (the gate-probe study,
+``benchmarks/study_probe_features.py``) and ``alphasteer_coefficient`` (AlphaSteer's coefficient
+per test column, ``benchmarks/study_alphasteer_coefficient.py``).
 """
 
 from __future__ import annotations
@@ -187,7 +188,16 @@ def probe_features_table(report: dict[str, Any]) -> str:
     return markdown_table(df[[c for c in PROBE_COLUMNS if c in df.columns]], index=False)
 
 
+def alphasteer_coefficient_table(report: dict[str, Any]) -> str:
+    """AlphaSteer's steering coefficient ``s_l = h·w_l`` per test column and jailbreak family
+    (``benchmarks/study_alphasteer_coefficient.py``)."""
+    df = pd.DataFrame(report["rows"])
+    layers = [f"s_L{x}" for x in report["layers"]]
+    return markdown_table(df[["set", "n", *layers, "s_mean", "negative_share"]], index=False)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "alphasteer_coefficient": alphasteer_coefficient_table,
     "audit": audit_table,
     "demo": demo_table,
     "demo_families": demo_families_table,
