@@ -41,7 +41,10 @@ _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 def last_token(h: Tensor) -> Tensor:
     """The last-token rows of cached activations: ``h`` itself for ``[n, d]``, ``h[:, 0]`` for
-    the ``[n, 2, d]`` (last token, prompt mean) of ``cache_activations(positions="last+mean")``."""
+    the ``[n, 2, d]`` (last token, prompt mean) of ``cache_activations(positions="last+mean")``.
+    A bare tensor does not say how it was cached: two explicit positions (``positions=[-2, -1]``)
+    have the same shape, so pass only "last" or "last+mean" caches here, or call
+    :meth:`Activations.last_token`, which checks."""
     if h.ndim == 3 and h.shape[1] == 2:
         return h[:, 0]
     if h.ndim != 2:
