@@ -43,7 +43,9 @@ def main() -> None:
     assert isinstance(base, AlphaSteer)
     report = json.loads((RUN / "report.json").read_text())
     layers = list(base.layers)
-    probe, _ = GateProbe.load(RUN / "gate_probe.safetensors", layers=layers, d_model=576)
+    probe, _ = GateProbe.load(
+        RUN / "gate_probe.safetensors", layers=layers, d_model=int(model.cfg.d_model)
+    )
     gate = report["gate"]
     gated = CalibratedAlphaSteer(base, tau=gate["tau"], margin=gate["margin"], probe=probe)
     lam = float(report["calibrated_strength"])
