@@ -27,7 +27,14 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from alphasteer_lens.chat import check_prompts, encode_chat, model_format
+from alphasteer_lens.chat import (
+    MAX_BATCH_TOKENS,
+    check_prompts,
+    encode_chat,
+    encode_texts,
+    length_batches,
+    model_format,
+)
 from alphasteer_lens.formats import PromptFormat
 from alphasteer_lens.hookpoints import RESID_PRE, hook_name, layer_of
 from alphasteer_lens.models import HookedModel, hook_names, model_name
@@ -336,7 +343,9 @@ def cache_activations(
     otherwise. ``cache=True`` (or a directory) stores the result as safetensors under a key made
     of the model, prompts, hooks, positions and format, so a changed prompt set never reuses
     stale activations; a stored file that does not match the request is recomputed. Non-finite
-    activations raise an error naming the hook and prompts.
+    activations raise an error naming the hook and prompts. Prompts run in batches of similar
+    token length, at most ``batch_size`` rows and :data:`~alphasteer_lens.chat.MAX_BATCH_TOKENS`
+    padded tokens each; the result is in the given order.
     """
     prompts = check_prompts(prompts, batch_size)
     names = resolve_hooks(model, layers, hooks)
@@ -381,8 +390,13 @@ def cache_activations(
                     return Activations(tensors, pos, mask, meta)
                 warnings.warn(f"recomputing activation cache {path.name}: {problem}", stacklevel=2)
     stop = max(layer_of(n) for n in names) + 1
-    lengths = [len(p) for p in prompts]  # characters: a cheap proxy for token length
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    lengths = [len(p) for p in prompts]  # characters: sizes the per-prompt position budget
+    # Batches of similar token length under a padded-token budget: a batch of 32 long
+    # jailbreak templates padded to 1,000 tokens spends most of its time on [batch, heads,
+    # pos, pos] attention tensors, and one long prompt would pad thirty-one short ones.
+    tokens = [len(ids) for ids in encode_texts(model, prompts, fmt)[1]]
+    batches = length_batches(tokens, batch_size, MAX_BATCH_TOKENS)
+    order = [i for b in batches for i in b]
     d_model = int(model.cfg.d_model)
     if isinstance(pos, tuple):
         width = len(pos)
@@ -391,7 +405,6 @@ def cache_activations(
     _check_resources(len(prompts), width, d_model, len(names), path.parent if path else None)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     masks: list[Tensor] = []
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch_idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = encode_chat(model, [prompts[i] for i in batch_idx], prompt_format=fmt).to(
             model.cfg.device

@@ -129,6 +129,9 @@ def check_prompts(prompts: Sequence[str], batch_size: int) -> list[str]:
     return prompts
 
 
+MAX_BATCH_TOKENS = 8192  # padded tokens per batch (rows × longest prompt)
+
+
 def length_batches(
     lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
 ) -> list[list[int]]:

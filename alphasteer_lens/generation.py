@@ -17,6 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from alphasteer_lens.chat import (
+    MAX_BATCH_TOKENS,
     ChatBatch,
     chat_lengths,
     check_prompts,
@@ -27,8 +28,6 @@ from alphasteer_lens.formats import PromptFormat
 from alphasteer_lens.models import HookedModel, hook_names
 from alphasteer_lens.passes import SteerPositions
 from alphasteer_lens.steering import AnySteering, steer
-
-MAX_BATCH_TOKENS = 8192  # padded tokens per batch (rows × longest prompt)
 
 
 def _batches(

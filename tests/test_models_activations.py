@@ -82,6 +82,31 @@ def test_batching_does_not_change_activations(tiny) -> None:  # type: ignore[no-
     torch.testing.assert_close(one, all_, atol=1e-5, rtol=1e-5)
 
 
+def test_caching_batches_by_padded_token_budget(tiny, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import alphasteer_lens.activations as A
+
+    long = "a long request " * 12
+    prompts = ["hi", long, "ok", long + "!", "yes", long + "?"]
+    shapes: list[tuple[int, int]] = []
+
+    def spy(model, ps, **kw):  # type: ignore[no-untyped-def]
+        batch = encode_chat(model, ps, **kw)
+        shapes.append(tuple(batch.tokens.shape))
+        return batch
+
+    monkeypatch.setattr(A, "encode_chat", spy)
+    monkeypatch.setattr(A, "MAX_BATCH_TOKENS", 200)
+    got = cache_activations(tiny, prompts, layers=[3], batch_size=8, progress=False)[3]
+    longest = max(shape[1] for shape in shapes)
+    assert 200 // longest < 3  # the long prompts cannot share one batch under this budget
+    # every batch keeps rows × width under the budget (a lone longer row excepted), so the
+    # three short prompts are never padded to a long one's width
+    assert all(rows * width <= 200 or rows == 1 for rows, width in shapes), shapes
+    assert sorted(rows for rows, _ in shapes) != [len(prompts)]
+    one = cache_activations(tiny, prompts, layers=[3], batch_size=1, progress=False)[3]
+    torch.testing.assert_close(got, one, atol=1e-5, rtol=1e-5)  # in the given order
+
+
 def test_disk_cache_roundtrip_and_key(tiny, tmp_path) -> None:  # type: ignore[no-untyped-def]
     a = cache_activations(tiny, PROMPTS, layers=[1], cache=tmp_path, progress=False)
     files = list(tmp_path.glob("*.safetensors"))
