@@ -1,24 +1,29 @@
 """Benchmark 1: activation caching throughput vs a plain Hugging Face forward pass.
 
 ``cache_activations`` (last prompt token at ``blocks.{l}.hook_resid_pre`` for the demo's layers)
-against the same model's Hugging Face forward on the same prompts, the same length-sorted
-batches, masks and position ids. The headline baseline, ``hf_early_stop``, does what the toolkit
-does: forward pre-hooks on the needed decoder layers keep their inputs, and the pass ends at the
-last needed layer (no later blocks, no unembedding). ``hf_same_batches`` runs the whole model
-with ``output_hidden_states=True``; ``hf_given_order`` also feeds the prompts in their given
-order (no batching by length). Checks that the activations are equal.
+against the same model's Hugging Face forward on the same prompts, the same batches (the
+toolkit's: similar token lengths under its padded-token budget), masks and position ids. The
+headline baseline, ``hf_early_stop``, does what the toolkit does: forward pre-hooks on the needed
+decoder layers keep their inputs, and the pass ends at the last needed layer (no later blocks,
+no unembedding). ``hf_same_batches`` runs the whole model with ``output_hidden_states=True``;
+``hf_given_order`` also feeds the prompts in their given order (no batching by length). Checks
+that the activations are equal. Writes
+``benchmarks/results/activations.json``.
 
     python benchmarks/bench_activations.py [--repeats 3] [--threads 1] [--n 32]
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from _common import interleaved, machine, median, parser, setup, spread
 
 from alphasteer_lens import prompts as P
 from alphasteer_lens.activations import cache_activations
-from alphasteer_lens.chat import encode_chat
+from alphasteer_lens.chat import MAX_BATCH_TOKENS, chat_lengths, encode_chat, length_batches
 from alphasteer_lens.models import load_hf, load_model
 
 
@@ -37,11 +42,10 @@ def main() -> None:
     # the bridge runs, so activations can be compared exactly.
     hf, _ = load_hf(attn_implementation="eager")
     bs = args.batch_size
-    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [
-        encode_chat(model, [prompts[i] for i in by_length[j : j + bs]])
-        for j in range(0, len(prompts), bs)
-    ]
+    # the toolkit's own batches: similar token lengths under its padded-token budget
+    groups = length_batches(chat_lengths(model, prompts), bs, MAX_BATCH_TOKENS)
+    by_length = [i for g in groups for i in g]
+    batches = [encode_chat(model, [prompts[i] for i in g]) for g in groups]
     given = [encode_chat(model, prompts[j : j + bs]) for j in range(0, len(prompts), bs)]
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
@@ -124,6 +128,16 @@ def main() -> None:
     print(f"hf_early_stop activations equal: {torch.equal(early, ref)}")
     base = median(times["hf_early_stop"])
     full = median(times["hf_same_batches"])
+    res: dict[str, object] = {
+        "machine": machine(),
+        "prompts": len(prompts),
+        "tokens": n_tokens,
+        "batch_size": bs,
+        "layers": layers,
+        "activations_equal": torch.equal(mine, ref),
+        "hf_early_stop_equal": torch.equal(early, ref),
+        "variants": {},
+    }
     for name, ts in times.items():
         t = median(ts)
         print(
@@ -131,6 +145,17 @@ def main() -> None:
             f"{n_tokens / t:7.0f} tokens/s  vs hf_early_stop {base / t:.2f}x  "
             f"(vs hf_same_batches {full / t:.2f}x)"
         )
+        res["variants"][name] = {  # type: ignore[index]
+            "median_s": round(t, 4),
+            "times_s": [round(x, 4) for x in ts],
+            "prompts_per_s": round(len(prompts) / t, 2),
+            "tokens_per_s": round(n_tokens / t, 1),
+            "speedup_vs_hf_early_stop": round(base / t, 3),
+            "speedup_vs_hf_same_batches": round(full / t, 3),
+        }
+    out = Path("benchmarks/results/activations.json")
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ per condition and prompt set), ``scans_classifier`` (the transition classifier o
 ``scans_anchoring`` (the vocabulary-projection segments), ``audit`` (refusal and margin per
 vector and condition), ``search_recheck`` (the search's re-checked points in four columns) and
 ``search_pareto`` (its Pareto front), ``probe_features`` (the gate-probe study,
-``benchmarks/study_probe_features.py``) and ``alphasteer_coefficient`` (AlphaSteer's coefficient
-per test column, ``benchmarks/study_alphasteer_coefficient.py``).
+``benchmarks/study_probe_features.py``), ``alphasteer_coefficient`` (AlphaSteer's coefficient
+per test column, ``benchmarks/study_alphasteer_coefficient.py``) and ``demo_floor`` (the demo's
+compute floor per step against its measured time, ``benchmarks/demo_floor.py``).
 """
 
 from __future__ import annotations
@@ -196,8 +197,17 @@ def alphasteer_coefficient_table(report: dict[str, Any]) -> str:
     return markdown_table(df[["set", "n", *layers, "s_mean", "negative_share"]], index=False)
 
 
+def demo_floor_table(report: dict[str, Any]) -> str:
+    """The demo's forward-pass arithmetic per step, its floor at the measured matrix-product
+    rate, and the step's measured time (``benchmarks/demo_floor.py``)."""
+    df = pd.DataFrame(report["rows"])
+    cols = ["step", "tflop", "floor_s", "shared_floor_s", "measured_s", "floor_share_of_measured"]
+    return markdown_table(df[[*cols, "what"]], index=False)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "alphasteer_coefficient": alphasteer_coefficient_table,
+    "demo_floor": demo_floor_table,
     "audit": audit_table,
     "demo": demo_table,
     "demo_families": demo_families_table,
