@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,3 +73,52 @@ def median(xs: list[float]) -> float:
 
 def spread(xs: list[float]) -> str:
     return f"median {median(xs):.3f} s (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+
+
+class _Stop(Exception):
+    """Ends a Hugging Face forward pass once the last needed block's input is kept."""
+
+
+def _keep(kept: dict[int, torch.Tensor], layer: int, last: int, args: Any, kwargs: Any) -> None:
+    kept[layer] = (args[0] if args else kwargs["hidden_states"])[:, -1].clone()
+    if layer == last:
+        raise _Stop
+
+
+@torch.no_grad()
+def hf_early_stop(hf: Any, batches: Sequence[Any], layers: Sequence[int]) -> list[torch.Tensor]:
+    """A plain Hugging Face forward on each encoded batch (tokens, mask, position ids from the
+    mask) that keeps the last position's input to the decoder blocks ``layers`` with forward
+    pre-hooks and ends after the last of them, as the toolkit's caching does: per batch,
+    ``[rows, len(layers), d_model]``."""
+    blocks = hf.model.layers
+    out = []
+    for b in batches:
+        kept: dict[int, torch.Tensor] = {}
+
+        handles = [
+            blocks[x].register_forward_pre_hook(
+                lambda m, a, kw, x=x, kept=kept: _keep(kept, x, max(layers), a, kw),
+                with_kwargs=True,
+            )
+            for x in layers
+        ]
+        pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            hf(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=pos)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        out.append(torch.stack([kept[x] for x in layers], 1))
+    return out
+
+
+def write_report(res: dict[str, Any], path: str | Path) -> Path:
+    """Write a benchmark's JSON report (creating its folder) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out

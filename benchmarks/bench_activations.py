@@ -15,11 +15,19 @@ that the activations are equal. Writes
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any
 
 import torch
-from _common import interleaved, machine, median, parser, setup, spread
+from _common import (
+    hf_early_stop,
+    interleaved,
+    machine,
+    median,
+    parser,
+    setup,
+    spread,
+    write_report,
+)
 
 from alphasteer_lens import prompts as P
 from alphasteer_lens.activations import cache_activations
@@ -49,42 +57,8 @@ def main() -> None:
     given = [encode_chat(model, prompts[j : j + bs]) for j in range(0, len(prompts), bs)]
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
 
-    class _Stop(Exception):
-        """Ends the HF forward pass once the last needed layer's input is kept."""
-
     @torch.no_grad()
-    def hf_early_stop(encoded: list) -> list[torch.Tensor]:  # type: ignore[type-arg]
-        out = []
-        blocks = hf.model.layers
-        for b in encoded:
-            kept: dict[int, torch.Tensor] = {}
-
-            def keep(layer: int, kept: dict[int, torch.Tensor]):  # type: ignore[no-untyped-def]
-                def pre(module, args, kwargs):  # type: ignore[no-untyped-def]
-                    h = args[0] if args else kwargs["hidden_states"]
-                    kept[layer] = h[:, -1].clone()
-                    if layer == max(layers):
-                        raise _Stop
-
-                return pre
-
-            handles = [
-                blocks[layer].register_forward_pre_hook(keep(layer, kept), with_kwargs=True)
-                for layer in layers
-            ]
-            pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
-            try:
-                hf(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=pos)
-            except _Stop:
-                pass
-            finally:
-                for handle in handles:
-                    handle.remove()
-            out.append(torch.stack([kept[layer] for layer in layers], 1))
-        return out
-
-    @torch.no_grad()
-    def hf_forward(encoded: list) -> list[torch.Tensor]:  # type: ignore[type-arg]
+    def hf_forward(encoded: list[Any]) -> list[torch.Tensor]:
         out = []
         for b in encoded:
             pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -109,12 +83,12 @@ def main() -> None:
     ref = ref[inverse]
     diff = (mine - ref).abs().max().item()
     scale = ref.abs().max().item()
-    early = torch.cat(hf_early_stop(batches))[inverse]
+    early = torch.cat(hf_early_stop(hf, batches, layers))[inverse]
 
     times = interleaved(
         {
             "cache_activations": ours,
-            "hf_early_stop": lambda: hf_early_stop(batches),
+            "hf_early_stop": lambda: hf_early_stop(hf, batches, layers),
             "hf_same_batches": lambda: hf_forward(batches),
             "hf_given_order": lambda: hf_forward(given),
         },
@@ -153,9 +127,7 @@ def main() -> None:
             "speedup_vs_hf_early_stop": round(base / t, 3),
             "speedup_vs_hf_same_batches": round(full / t, 3),
         }
-    out = Path("benchmarks/results/activations.json")
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(res, "benchmarks/results/activations.json")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,19 @@ Writes ``benchmarks/results/batching.json``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import interleaved, machine, median, parser, setup, spread
+from _common import (
+    hf_early_stop,
+    interleaved,
+    machine,
+    median,
+    parser,
+    setup,
+    spread,
+    write_report,
+)
 
 import alphasteer_lens.activations as A
 from alphasteer_lens.chat import MAX_BATCH_TOKENS, chat_lengths, encode_chat, length_batches
@@ -29,10 +36,6 @@ from alphasteer_lens.experiments import recipe as R
 from alphasteer_lens.experiments.config import build_config
 from alphasteer_lens.experiments.demo import DemoConfig, fit_context, robust_sets
 from alphasteer_lens.models import load_hf
-
-
-class _Stop(Exception):
-    """Ends a Hugging Face forward pass once the last needed block's input is kept."""
 
 
 def main() -> None:
@@ -69,41 +72,12 @@ def main() -> None:
         finally:
             A.MAX_BATCH_TOKENS = saved
 
-    def _keep(kept: dict[int, torch.Tensor], x: int, a: Any, kw: Any) -> None:
-        kept[x] = (a[0] if a else kw["hidden_states"])[:, -1].clone()
-        if x == max(layers):
-            raise _Stop
-
     def hf_variant(attn: str) -> Any:
         hf, _ = load_hf(attn_implementation=attn)
-        blocks = hf.model.layers
-
-        @torch.no_grad()
-        def run() -> torch.Tensor:
-            rows: dict[int, torch.Tensor] = {}
-            for g in groups:
-                b = encode_chat(model, [prompts[i] for i in g], prompt_format=fmt)
-                kept: dict[int, torch.Tensor] = {}
-
-                handles = [
-                    blocks[x].register_forward_pre_hook(
-                        lambda mod, a, kw, x=x, kept=kept: _keep(kept, x, a, kw), with_kwargs=True
-                    )
-                    for x in layers
-                ]
-                pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
-                try:
-                    hf(input_ids=b.tokens, attention_mask=b.attention_mask, position_ids=pos)
-                except _Stop:
-                    pass
-                finally:
-                    for h in handles:
-                        h.remove()
-                for j, i in enumerate(g):
-                    rows[i] = torch.stack([kept[x][j] for x in layers])
-            return torch.stack([rows[i] for i in range(len(prompts))])
-
-        return run
+        batches = [encode_chat(model, [prompts[i] for i in g], prompt_format=fmt) for g in groups]
+        inverse = torch.empty(len(prompts), dtype=torch.long)
+        inverse[torch.tensor([i for g in groups for i in g])] = torch.arange(len(prompts))
+        return lambda: torch.cat(hf_early_stop(hf, batches, layers))[inverse]
 
     hf_eager, hf_sdpa = hf_variant("eager"), hf_variant("sdpa")
     mine, base = ours(), no_budget()
@@ -150,10 +124,7 @@ def main() -> None:
             "tokens_per_s": round(sum(lengths) / t, 1),
             "speedup_vs_no_budget": round(t0 / t, 3),
         }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(res, args.out)
 
 
 if __name__ == "__main__":

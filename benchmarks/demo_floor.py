@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from _common import machine, parser, setup
+from _common import machine, parser, setup, write_report
 
 from alphasteer_lens.chat import chat_lengths
 from alphasteer_lens.experiments import recipe as R
@@ -195,7 +195,7 @@ def main() -> None:
 
     rate = gemm_rate(int(model.cfg.d_model), int(model.cfg.d_mlp))
     timings = report["timings"]
-    table = []
+    table: list[dict[str, Any]] = []
     for step, f, s, what in rows:
         measured = float(timings.get(step, float("nan")))
         floor = f / rate / 1e9
@@ -236,10 +236,7 @@ def main() -> None:
     print(pd.DataFrame(table).to_string(index=False))
     print(f"GEMM {rate:.1f} GFLOP/s; floor {floor_total:.0f} s, shared-prefix floor "
           f"{shared_total:.0f} s, aim {AIM_S:.0f} s")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(res, args.out)
 
 
 if __name__ == "__main__":
