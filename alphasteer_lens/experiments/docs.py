@@ -207,10 +207,10 @@ def demo_floor_table(report: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "alphasteer_coefficient": alphasteer_coefficient_table,
-    "demo_floor": demo_floor_table,
     "audit": audit_table,
     "demo": demo_table,
     "demo_families": demo_families_table,
+    "demo_floor": demo_floor_table,
     "compare": compare_table,
     "scans": scans_table,
     "scans_classifier": scans_classifier_table,
