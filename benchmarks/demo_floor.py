@@ -99,6 +99,9 @@ def main() -> None:
     args = p.parse_args()
     setup(args.threads)
     run = Path(args.run)
+    for name in ("report.json", "generations.csv"):
+        if not (run / name).is_file():
+            raise SystemExit(f"--run {run}: no {name} there (pass a finished demo run's folder)")
     report = json.loads((run / "report.json").read_text())
     cfg = build_config(DemoConfig, settings=report["config"])
     data = R.preflight(cfg)
