@@ -33,7 +33,7 @@ from _common import (
 import alphasteer_lens.activations as A
 from alphasteer_lens.chat import MAX_BATCH_TOKENS, chat_lengths, encode_chat, length_batches
 from alphasteer_lens.experiments import recipe as R
-from alphasteer_lens.experiments.config import build_config
+from alphasteer_lens.experiments.config import ConfigError, build_config
 from alphasteer_lens.experiments.demo import DemoConfig, fit_context, robust_sets
 from alphasteer_lens.models import load_hf
 
@@ -48,7 +48,10 @@ def main() -> None:
     args = p.parse_args()
     setup(args.threads)
     cfg = build_config(DemoConfig, settings={"data_dir": args.data, "layers": [14, 15, 16, 17, 18]})
-    data = R.preflight(cfg)
+    try:
+        data = R.preflight(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     model, fmt = R.load(cfg)
     sp = R.splits(data, cfg, model=model, fmt=fmt)
     rs = fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
