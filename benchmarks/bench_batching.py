@@ -34,7 +34,7 @@ import alphasteer_lens.activations as A
 from alphasteer_lens.chat import MAX_BATCH_TOKENS, chat_lengths, encode_chat, length_batches
 from alphasteer_lens.experiments import recipe as R
 from alphasteer_lens.experiments.config import ConfigError, build_config
-from alphasteer_lens.experiments.demo import DemoConfig, fit_context, robust_sets
+from alphasteer_lens.experiments.demo import DemoConfig, demo_sets
 from alphasteer_lens.models import load_hf
 
 
@@ -53,8 +53,7 @@ def main() -> None:
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     model, fmt = R.load(cfg)
-    sp = R.splits(data, cfg, model=model, fmt=fmt)
-    rs = fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
+    sp, rs = demo_sets(data, cfg, model, fmt)
     assert rs.fit_malicious is not None, "no jailbreak-wrapped fit prompts in --data"
     prompts = list(rs.fit_malicious)[: args.n]
     layers = list(cfg.layers or ())

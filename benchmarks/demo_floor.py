@@ -40,7 +40,7 @@ from _common import machine, parser, setup, write_report
 from alphasteer_lens.chat import chat_lengths
 from alphasteer_lens.experiments import recipe as R
 from alphasteer_lens.experiments.config import build_config
-from alphasteer_lens.experiments.demo import DemoConfig, fit_context, robust_sets
+from alphasteer_lens.experiments.demo import DemoConfig, demo_sets
 
 AIM_S = 300.0
 
@@ -102,15 +102,18 @@ def main() -> None:
     for name in ("report.json", "generations.csv"):
         if not (run / name).is_file():
             raise SystemExit(f"--run {run}: no {name} there (pass a finished demo run's folder)")
-    report = json.loads((run / "report.json").read_text())
+    try:
+        report = json.loads((run / "report.json").read_text())
+    except ValueError as err:
+        raise SystemExit(f"--run {run}: report.json is not valid JSON ({err})") from None
+    need = ("config", "layers", "timings", "validation_sweep", "seconds")
+    missing = [k for k in need if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise SystemExit(f"--run {run}: report.json lacks {missing} (not a demo report?)")
     cfg = build_config(DemoConfig, settings=report["config"])
     data = R.preflight(cfg)
     model, fmt = R.load(cfg)
-    sp = R.splits(
-        data, cfg, n_harmful_test=cfg.n_harmful_test, n_benign_test=cfg.n_benign_test,
-        model=model, fmt=fmt,
-    )  # fmt: skip
-    rs = fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
+    sp, rs = demo_sets(data, cfg, model, fmt)
     layers = list(report["layers"])
     first, last = min(layers), max(layers)
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from alphasteer_lens.chat import encode_chat, length_batches
 from alphasteer_lens.experiments import recipe as R
-from alphasteer_lens.experiments.demo import DemoConfig, fit_context, robust_sets
+from alphasteer_lens.experiments.demo import DemoConfig, demo_sets
 from alphasteer_lens.gates import GateProbe, conformal_threshold
 from alphasteer_lens.jailbreaks import wrap_harmful, wrappings
 from alphasteer_lens.sources import cache_dir
@@ -72,8 +72,7 @@ def cache(data_dir: str, path: Path) -> None:
     cfg = DemoConfig(layers=(14, 15, 16, 17, 18), data_dir=data_dir)
     data = R.preflight(cfg)
     model, fmt = R.load(cfg)
-    sp = R.splits(data, cfg, n_harmful_test=None, n_benign_test=None, model=model, fmt=fmt)
-    rs = fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
+    sp, rs = demo_sets(data, cfg, model, fmt)
     n_fit = min(cfg.n_fit_jailbreak, len(sp.harmful_train))
     wrapped = wrap_harmful(
         sp.harmful_train.sample(n_fit, seed=cfg.seed), [f for f in cfg.fit_families

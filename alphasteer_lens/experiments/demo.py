@@ -256,6 +256,16 @@ def fit_context(rs: RobustSets, model: Any, fmt: Any, room: int) -> RobustSets:
     return replace(rs, notes=tuple(notes), **out)  # type: ignore[arg-type]
 
 
+def demo_sets(data: Data, cfg: DemoConfig, model: Any, fmt: Any) -> tuple[R.Splits, RobustSets]:
+    """The demo's prompt sets for ``model``: the standard splits and the robust sets (wrapped
+    harm, sensitive-but-safe prompts, calibration), each left with room for the answer."""
+    sp = R.splits(
+        data, cfg, n_harmful_test=cfg.n_harmful_test, n_benign_test=cfg.n_benign_test,
+        model=model, fmt=fmt,
+    )  # fmt: skip
+    return sp, fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
+
+
 def _fit_sides(
     model: Any, sp: R.Splits, rs: RobustSets, layers: list[int], kw: dict[str, Any]
 ) -> tuple[dict[int, Any], dict[int, Any]]:
@@ -292,11 +302,7 @@ def run_demo(
     refusal_ids = RefusalTokens.from_tokenizer(model.tokenizer).ids
     clock.lap("load_model")
 
-    sp = R.splits(
-        data, cfg, n_harmful_test=cfg.n_harmful_test, n_benign_test=cfg.n_benign_test,
-        model=model, fmt=fmt,
-    )  # fmt: skip
-    rs = fit_context(robust_sets(data, sp, cfg), model, fmt, cfg.max_new_tokens)
+    sp, rs = demo_sets(data, cfg, model, fmt)
     sets = sp.sets() | {
         "fit_sensitive": rs.fit_benign,
         "calibration": rs.calibration,
